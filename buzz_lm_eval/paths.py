@@ -1,0 +1,17 @@
+"""Where the files shipped inside the package live (never relative to the current directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DATA_DIR = PACKAGE_DIR / "data"
+DEFAULT_MODEL_DIR = PACKAGE_DIR / "assets" / "stories260K"
+
+
+def tasks_dir() -> Path:
+    """The task YAML directory: inside the wheel, or ``tasks/`` beside the package in a checkout."""
+    for candidate in (PACKAGE_DIR / "tasks", PACKAGE_DIR.parent / "tasks"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"buzz-lm-eval task directory not found next to {PACKAGE_DIR}")
