@@ -1,0 +1,215 @@
+"""An evicting transformers ``Cache``: one policy per layer, applied after every forward.
+
+    cache = build_cache(model, "buzz", budget=256)
+    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
+    cache.stats()
+
+Each ``EvictingLayer`` is a ``DynamicLayer`` that also remembers, for every stored slot, the
+token's original position (``-1`` for padding). Tokens keep their RoPE rotation; the layer
+reports tokens *seen* as its sequence length, so new positions continue correctly, and once it
+has evicted it builds the attention visibility from the stored positions itself.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .attention import offer_layer, prepare_model
+from .policies import Policy, build_policy
+from .policies.base import real_slots
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass
+class LayerStats:
+    """Running counters of one layer (token counts are per batch row)."""
+
+    forwards: int = 0
+    peak_tokens: int = 0
+    kept_tokens_sum: int = 0
+    bytes_per_token: int = 0
+    evict_seconds: float = 0.0
+    sync: bool = False
+
+    @contextmanager
+    def timer(self):
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.evict_seconds += time.perf_counter() - start
+
+
+class EvictingLayer(DynamicLayer):
+    """A dynamic layer whose policy drops tokens after each forward's attention."""
+
+    is_croppable = False
+
+    def __init__(self, policy: Policy, sliding_window: int | None = None):
+        super().__init__()
+        self.policy = policy
+        self.state = policy.new_state()
+        self.sliding_window = sliding_window
+        self.seen = 0
+        self.evicted = False
+        self.positions: torch.Tensor | None = None  # [B, 1|H, L] original positions, -1 = padding
+        self.stats = LayerStats()
+
+    # -- the Cache layer contract ---------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.positions = torch.empty(key_states.shape[0], 1, 0, dtype=torch.long, device=self.device)
+        batch, heads, _, dim = key_states.shape
+        self.stats.bytes_per_token = 2 * batch * heads * dim * key_states.element_size()
+        self.stats.sync = key_states.device.type == "cuda"
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        new = key_states.shape[-2]
+        fresh = torch.arange(self.seen, self.seen + new, device=self.device)
+        self.positions = torch.cat([self.positions, fresh.expand(*self.positions.shape[:2], new)], dim=-1)
+        self.seen += new
+        self.stats.peak_tokens = max(self.stats.peak_tokens, keys.shape[-2])
+        offer_layer(self)
+        return keys, values
+
+    def stored(self) -> int:
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored()
+        return stored + query_length, self.seen - stored
+
+    def reset(self) -> None:
+        super().reset()
+        self.state, self.seen, self.evicted, self.positions = self.policy.new_state(), 0, False, None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.stored() > 0:
+            indices = indices.to(self.device)
+            self.keys, self.values = self.keys[indices], self.values[indices]
+            self.positions = self.positions[indices]
+            self.state.select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.stored() > 0:
+            index = torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats)
+            self.batch_select_indices(index)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an evicting cache cannot be rolled back (assisted decoding is not supported)")
+
+    # -- called by the attention function -----------------------------------------------------
+    def visibility(self, library_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
+        """[B, 1|H, q, L] bool mask of what the new queries may see (library mask until evicted)."""
+        if not self.evicted:
+            return library_mask
+        past = self.positions[..., : self.stored() - q]
+        allowed = (past >= 0).unsqueeze(2)
+        if self.sliding_window is not None:
+            query_pos = torch.arange(self.seen - q, self.seen, device=self.device).view(1, 1, q, 1)
+            allowed = allowed & (past.unsqueeze(2) > query_pos - self.sliding_window)
+        batch, heads = past.shape[:2]
+        allowed = allowed.expand(batch, heads, q, past.shape[-1])
+        if library_mask is None:
+            new = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(batch, heads, q, q)
+        else:
+            new = library_mask[..., -q:].expand(batch, heads, q, q)
+        return torch.cat([allowed, new], dim=-1)
+
+    def evict(self, scores: torch.Tensor | None, query_valid: torch.Tensor | None) -> None:
+        """Mark padding among the new tokens, run the policy, keep only what it returns."""
+        if query_valid is not None and not bool(query_valid.all()):
+            new = self.positions[..., -query_valid.shape[-1] :]
+            new.masked_fill_(~query_valid.unsqueeze(1), -1)
+        valid = self.positions[:, 0] >= 0
+        batch, heads, length, dim = self.keys.shape
+        keep = self.policy.step(
+            self.state,
+            None if scores is None else scores.unsqueeze(2),
+            None if bool(valid.all()) else valid,
+            shape=(batch, heads, length),
+        )
+        if keep is not None:
+            index = keep.unsqueeze(-1).expand(batch, heads, keep.shape[-1], dim)
+            self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
+            positions = self.positions.expand(batch, heads, length).gather(-1, keep)
+            self.positions = positions.masked_fill(~real_slots(self.state.n_real, keep.shape[-1]), -1)
+            self.evicted = True
+        self.stats.forwards += 1
+        self.stats.kept_tokens_sum += self.stored()
+
+
+class EvictingCache(Cache):
+    """A Cache of ``EvictingLayer``s, one per decoder layer, sharing one policy."""
+
+    def __init__(self, policy: Policy, sliding_windows: list[int | None]):
+        super().__init__(layers=[EvictingLayer(policy, window) for window in sliding_windows])
+        self.policy = policy
+
+    def stats(self) -> dict:
+        """Whole-run statistics as plain ints and floats (see README for definitions)."""
+        layers = [layer for layer in self.layers if layer.stats.forwards]
+        if not layers:
+            return {"tokens_seen": 0, "kept_tokens_peak": 0, "kept_tokens_mean": 0.0, "kv_bytes_peak": 0,
+                    "kv_bytes_mean": 0.0, "compression_ratio": 1.0, "evict_seconds": 0.0, "forwards": 0}
+        seen = max(layer.seen for layer in layers)
+        peak_bytes = sum(layer.stats.peak_tokens * layer.stats.bytes_per_token for layer in layers)
+        mean_tokens = [layer.stats.kept_tokens_sum / layer.stats.forwards for layer in layers]
+        full_bytes = sum(layer.seen * layer.stats.bytes_per_token for layer in layers)
+        return {
+            "tokens_seen": seen,
+            "kept_tokens_peak": max(layer.stats.peak_tokens for layer in layers),
+            "kept_tokens_mean": sum(mean_tokens) / len(layers),
+            "kv_bytes_peak": peak_bytes,
+            "kv_bytes_mean": sum(t * layer.stats.bytes_per_token for t, layer in zip(mean_tokens, layers)),
+            "compression_ratio": full_bytes / peak_bytes if peak_bytes else 1.0,
+            "evict_seconds": sum(layer.stats.evict_seconds for layer in layers),
+            "forwards": layers[0].stats.forwards,
+        }
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per decoder layer, the sliding window (None for full attention); ValueError if unsupported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"buzz-lm-eval cannot serve model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    n_layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if model_type == "qwen2" or model_type == "qwen3":
+        window = window if getattr(config, "use_sliding_window", False) else None
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * n_layers
+    unknown = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"model type {model_type!r} has layer types {unknown} that an evicting cache cannot serve")
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def build_cache(model, policy: str | Policy = "buzz", **policy_args) -> EvictingCache:
+    """A fresh evicting cache for one batch of requests to ``model`` (prepared once for score capture)."""
+    windows = layer_windows(model.config.get_text_config(decoder=True))
+    if not isinstance(policy, Policy):
+        policy = build_policy(policy, **policy_args)
+    elif policy_args:
+        raise ValueError("pass either a Policy object or a policy name with its parameters, not both")
+    prepare_model(model)
+    return EvictingCache(policy, windows)

@@ -1,0 +1,52 @@
+"""Eviction policies: pure functions from attention scores to kept token indices.
+
+    from buzz_lm_eval.policies import build_policy
+    policy = build_policy("buzz", sink=4, window=160, threshold=400, stride=5)   # or budget=256
+    state = policy.new_state()
+    keep = policy.step(state, attn)   # None, or LongTensor [B, H_kv, K] of ascending indices
+"""
+
+from __future__ import annotations
+
+from .base import Policy, PolicyState
+from .buzz import BuzzPolicy
+from .buzz_fast import BuzzFastPolicy
+from .buzz_nomax import BuzzNoMaxPolicy
+from .full import FullPolicy
+from .h2o import H2OPolicy
+from .local import LocalPolicy
+from .streaming import StreamingPolicy
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (FullPolicy, LocalPolicy, StreamingPolicy, H2OPolicy, BuzzPolicy, BuzzFastPolicy, BuzzNoMaxPolicy)
+}
+POLICY_NAMES = tuple(POLICIES)
+
+
+def policy_keys(name: str) -> tuple[str, ...]:
+    """The keyword arguments ``build_policy`` accepts for ``name`` (sizes, plus budget)."""
+    cls = policy_class(name)
+    return cls.params + (() if cls is FullPolicy else ("budget",))
+
+
+def policy_class(name: str) -> type[Policy]:
+    if name not in POLICIES:
+        raise ValueError(f"unknown cache policy {name!r}; valid policies: {', '.join(POLICY_NAMES)}")
+    return POLICIES[name]
+
+
+def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
+    """Build a policy from explicit sizes, or derive its sizes from one KV-token ``budget``."""
+    cls = policy_class(name)
+    unknown = sorted(set(sizes) - set(cls.params))
+    if unknown or (budget is not None and cls is FullPolicy):
+        bad = unknown or ["budget"]
+        valid = ", ".join(policy_keys(name)) or "none"
+        raise ValueError(f"{name}: unknown parameter(s) {', '.join(bad)}; valid: {valid}")
+    if budget is None:
+        return cls(**sizes)
+    return cls.from_budget(budget, **sizes)
+
+
+__all__ = ["POLICIES", "POLICY_NAMES", "Policy", "PolicyState", "build_policy", "policy_class", "policy_keys"]

@@ -1,0 +1,183 @@
+"""What every eviction policy shares: its state, the step skeleton, and parameter checks.
+
+A policy is a pure function of attention scores to kept token indices. It never sees keys,
+values or a model. One ``step`` runs after each forward (prefill, prefill chunk, decode step):
+
+    keep = policy.step(state, attn)   # attn: [B, H_kv, q, L] probabilities, or None
+    # keep: None (nothing evicted) or LongTensor [B, H_kv, K] of ascending indices
+
+Rows of a batch may carry left padding. The cache then passes ``mask`` ([B, L] bool, True for
+real tokens; real tokens always form a suffix of the row). Each row is evicted as if it were
+alone; rows that keep fewer tokens than the longest row are filled at the front with index 0,
+and ``state.n_real`` says how many trailing slots of each row are real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class PolicyState:
+    """Per-layer (and per-request) state, compacted together with the cache."""
+
+    scores: torch.Tensor | None = None  # [B, H, L] float32 accumulated attention (S)
+    n_old: torch.Tensor | None = None  # [B, 1, 1] middle tokens that are earlier samples
+    n_real: torch.Tensor | None = None  # [B] real (non-padding) trailing slots after the step
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep (or reorder) batch rows, for beam search and batch pruning."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                setattr(self, f.name, value.index_select(0, index.to(value.device)))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a policy decided on one step, in the pre-eviction layout."""
+
+    keep: torch.Tensor  # [B, 1|H, L] bool, kept real tokens
+    reset: torch.Tensor | None = None  # [B, 1|H, L] bool, kept tokens whose score restarts at 0
+    n_old: torch.Tensor | None = None  # [B, 1, 1] new count of earlier samples (buzz)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """Shapes and per-row geometry of one step, derived once from ``attn``/``mask``."""
+
+    batch: int
+    heads: int
+    length: int
+    offset: torch.Tensor  # [B, 1, 1] padding slots before the first real token
+    n: torch.Tensor  # [B, 1, 1] real tokens in the row
+    rel: torch.Tensor  # [B, 1, L] index relative to the first real token (negative = padding)
+    device: torch.device
+
+
+class Policy:
+    """Base class: subclasses set ``name``, ``params``, ``needs_scores`` and ``select``."""
+
+    name: ClassVar[str]
+    params: ClassVar[tuple[str, ...]] = ()
+    needs_scores: ClassVar[bool] = False
+    accumulates: ClassVar[bool] = False  # keeps the accumulated score S in its state
+
+    def new_state(self) -> PolicyState:
+        return PolicyState()
+
+    # -- the contract -------------------------------------------------------------------
+    def step(
+        self,
+        state: PolicyState,
+        attn: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        shape: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor | None:
+        """Update ``state`` with one forward's attention and return the kept indices or None.
+
+        ``attn`` is [B, H_kv, q, L] (only its sum over q is used, so callers may pass a
+        pre-summed [B, H_kv, 1, L]). Policies without scores accept ``attn=None`` together with
+        ``shape=(B, H_kv, L)``.
+        """
+        if attn is None and self.needs_scores:
+            raise ValueError(f"policy {self.name!r} needs attention scores; got attn=None")
+        if attn is not None:
+            if attn.dim() != 4:
+                raise ValueError(f"attn must be [B, H_kv, q, L], got shape {tuple(attn.shape)}")
+            batch, heads, _, length = attn.shape
+            current = attn.sum(dim=2, dtype=torch.float32)
+            device = attn.device
+        elif shape is not None:
+            (batch, heads, length), current = shape, None
+            device = mask.device if mask is not None else torch.device("cpu")
+        else:
+            raise ValueError(f"policy {self.name!r}: pass attn or shape=(B, H_kv, L)")
+        inp = _geometry(batch, heads, length, mask, device)
+        if self.accumulates:
+            state.scores = _accumulate(state.scores, current, length)
+        selection = self.select(state, inp, current)
+        if selection is None:
+            state.n_real = inp.n.view(-1)
+            return None
+        keep, state.n_real = _indices_from_mask(selection.keep.expand(batch, heads, length))
+        if state.scores is not None:
+            live = real_slots(state.n_real, keep.shape[-1])
+            if selection.reset is not None:
+                live = live & ~selection.reset.expand(batch, heads, length).gather(-1, keep)
+            state.scores = state.scores.gather(-1, keep) * live
+        if selection.n_old is not None:
+            state.n_old = selection.n_old
+        return keep
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def select(
+        self, state: PolicyState, inp: StepInput, current: torch.Tensor | None
+    ) -> Selection | None:
+        """Decide which real tokens stay; None keeps everything."""
+        raise NotImplementedError
+
+    def sizes(self) -> dict[str, int]:
+        return {p: getattr(self, p) for p in self.params}
+
+    def describe(self) -> dict:
+        """The policy's name and sizes, as plain values (for logs and result files)."""
+        return {"policy": self.name, **{p: getattr(self, p) for p in self.params}}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{p}={getattr(self, p)}" for p in self.params)
+        return f"{type(self).__name__}({args})"
+
+
+# -- shared tensor helpers ---------------------------------------------------------------
+def _geometry(batch, heads, length, mask, device) -> StepInput:
+    """Per-row offsets of the real-token suffix."""
+    if mask is None:
+        n = torch.full((batch, 1, 1), length, dtype=torch.long, device=device)
+    else:
+        if tuple(mask.shape) != (batch, length):
+            raise ValueError(f"mask must be [B, L] = {(batch, length)}, got {tuple(mask.shape)}")
+        n = mask.to(device=device).sum(dim=-1, dtype=torch.long).view(batch, 1, 1)
+    offset = length - n
+    rel = torch.arange(length, device=device).view(1, 1, length) - offset
+    return StepInput(batch, heads, length, offset, n, rel, device)
+
+
+def _accumulate(scores: torch.Tensor | None, current: torch.Tensor, length: int) -> torch.Tensor:
+    """S <- pad(S, new tokens with 0) + A.sum(q)."""
+    if scores is None:
+        return current.clone()
+    pad = length - scores.shape[-1]
+    if pad < 0:
+        raise ValueError(f"attention covers {length} tokens but the state already holds {scores.shape[-1]}")
+    return torch.nn.functional.pad(scores, (0, pad)) + current
+
+
+def _indices_from_mask(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending kept indices per row/head; shorter rows are front-filled with index 0."""
+    length = keep_mask.shape[-1]
+    counts = keep_mask.sum(dim=-1)  # [B, H]
+    width = int(counts.max())
+    arange = torch.arange(length, device=keep_mask.device).expand_as(keep_mask)
+    ranked = torch.where(keep_mask, arange, -1).sort(dim=-1).values[..., length - width :]
+    return ranked.clamp_min(0), counts[:, 0]
+
+
+def real_slots(n_real: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, 1, width] bool: True for the trailing ``n_real`` slots of each row."""
+    slots = torch.arange(width, device=n_real.device).view(1, 1, width)
+    return slots >= (width - n_real).view(-1, 1, 1)
+
+
+def check_sizes(policy: str, values: dict, minimum: dict) -> None:
+    """Reject non-integer or too-small sizes with a message naming the value and the rule."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{policy}: {key} must be an integer, got {value!r}")
+        low = minimum.get(key, 1)
+        if value < low:
+            raise ValueError(f"{policy}: {key} must be >= {low}, got {value}")

@@ -1,0 +1,30 @@
+"""``local``: a sliding window over the most recent tokens."""
+
+from __future__ import annotations
+
+from .base import Policy, Selection, check_sizes
+
+
+class LocalPolicy(Policy):
+    """Keep the last ``window`` tokens once there are more.
+
+    Budget N: ``window = N - 1``, so a decode step holds at most ``window + 1 = N`` tokens.
+    """
+
+    name = "local"
+    params = ("window",)
+
+    def __init__(self, window: int = 160):
+        check_sizes(self.name, {"window": window}, {})
+        self.window = window
+
+    @classmethod
+    def from_budget(cls, budget: int, window: int | None = None) -> "LocalPolicy":
+        if window is not None and window != budget - 1:
+            raise ValueError(f"local: window={window} disagrees with budget={budget} (window = budget - 1 = {budget - 1})")
+        return cls(window=budget - 1)
+
+    def select(self, state, inp, current):
+        if bool((inp.n <= self.window).all()):
+            return None
+        return Selection(keep=inp.rel >= (inp.n - self.window).clamp_min(0))

@@ -1,0 +1,33 @@
+"""``streaming`` (StreamingLLM): attention sinks plus a recent window."""
+
+from __future__ import annotations
+
+from .base import Policy, Selection, check_sizes
+
+
+class StreamingPolicy(Policy):
+    """Keep the first ``sink`` and the last ``window`` tokens.
+
+    Budget N: ``sink`` stays as given (default 4) and ``window = N - 1 - sink``.
+    """
+
+    name = "streaming"
+    params = ("sink", "window")
+
+    def __init__(self, sink: int = 4, window: int = 160):
+        check_sizes(self.name, {"sink": sink, "window": window}, {"sink": 0})
+        self.sink, self.window = sink, window
+
+    @classmethod
+    def from_budget(cls, budget: int, sink: int | None = None, window: int | None = None) -> "StreamingPolicy":
+        from .budget import split_budget
+
+        sizes = split_budget(cls.name, budget, {"sink": sink, "window": window}, defaults={"sink": 4}, weights={"window": 1})
+        return cls(**sizes)
+
+    def select(self, state, inp, current):
+        if bool((inp.n <= self.sink + self.window).all()):
+            return None
+        rel = inp.rel
+        keep = (rel >= 0) & ((rel < self.sink) | (rel >= inp.n - self.window))
+        return Selection(keep=keep)
