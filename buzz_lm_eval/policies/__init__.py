@@ -40,10 +40,11 @@ def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
     """Build a policy from explicit sizes, or derive its sizes from one KV-token ``budget``."""
     cls = policy_class(name)
     unknown = sorted(set(sizes) - set(cls.params))
-    if unknown or (budget is not None and cls is FullPolicy):
-        bad = unknown or ["budget"]
+    if budget is not None and cls is FullPolicy:
+        raise ValueError("full has no budget: it keeps every token (drop budget=, or pick another policy)")
+    if unknown:
         valid = ", ".join(policy_keys(name)) or "none"
-        raise ValueError(f"{name}: unknown parameter(s) {', '.join(bad)}; valid: {valid}")
+        raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
     if budget is None:
         return cls(**sizes)
     return cls.from_budget(budget, **sizes)
