@@ -1,0 +1,213 @@
+"""``buzz_hf``: lm-eval's ``HFLM`` with every request type run under a KV-cache policy.
+
+    lm_eval --model buzz_hf --model_args pretrained=M,cache=buzz,budget=256 --tasks buzz_cnndm
+
+- ``generate_until``: ``model.generate`` with a fresh evicting cache per batch (left-padded
+  rows are evicted as if alone); ``prefill_chunk`` prefills long prompts in chunks, and then
+  prompts longer than the model's context are streamed instead of left-truncated.
+- ``loglikelihood`` / ``loglikelihood_rolling``: the tokens are streamed through the cache
+  ``score_chunk`` at a time (1 = token by token), with no truncation; a rolling document is
+  scored as one stream, so perplexity measures the policy.
+- ``cache=full`` keeps HFLM's own code paths untouched (identical to ``--model hf``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import sys
+import time
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .cache import build_cache, layer_windows
+from .paths import DEFAULT_MODEL_DIR
+from .policies import FullPolicy, build_policy
+from .run_stats import RunStats, full_cache_stats
+
+log = logging.getLogger(__name__)
+
+SIZE_KEYS = ("sink", "window", "threshold", "stride", "heavy", "recent")
+OWN_KEYS = ("cache", "budget", *SIZE_KEYS, "prefill_chunk", "score_chunk", "stats_file")
+# from_pretrained keywords HFLM forwards and that we let through as well
+PASSTHROUGH_KEYS = (
+    "attn_implementation", "device_map", "low_cpu_mem_usage", "quantization_config", "load_in_8bit",
+    "load_in_4bit", "cache_dir", "local_files_only", "token", "use_safetensors", "offload_state_dict",
+)
+UNBOUNDED = sys.maxsize // 4
+
+
+def _chunk(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"buzz_hf: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_model_args(kwargs: dict) -> None:
+    """Reject model_args that neither HFLM, from_pretrained pass-through, nor buzz_hf know."""
+    named = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(kwargs) - named - set(OWN_KEYS) - set(PASSTHROUGH_KEYS))
+    if unknown:
+        raise ValueError(
+            f"buzz_hf: unknown model_args {', '.join(unknown)}; buzz_hf keys: {', '.join(OWN_KEYS)}; "
+            f"plus every `hf` model_arg ({', '.join(sorted(named))})"
+        )
+
+
+@register_model("buzz_hf")
+class BuzzHFLM(HFLM):
+    """HFLM whose forwards and generations run under a KV-cache eviction policy."""
+
+    def __init__(
+        self,
+        pretrained=None,
+        cache: str = "buzz",
+        budget: int | None = None,
+        sink: int | None = None,
+        window: int | None = None,
+        threshold: int | None = None,
+        stride: int | None = None,
+        heavy: int | None = None,
+        recent: int | None = None,
+        prefill_chunk: int | None = None,
+        score_chunk: int | None = None,
+        stats_file: str | None = None,
+        device: str | None = None,
+        **kwargs,
+    ):
+        check_model_args(kwargs)
+        sizes = dict(sink=sink, window=window, threshold=threshold, stride=stride, heavy=heavy, recent=recent)
+        self.policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
+        self.budget = budget
+        self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
+        self.score_chunk = _chunk("score_chunk", score_chunk) or self.prefill_chunk or 64
+        pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
+        if isinstance(pretrained, str):
+            check_architecture(pretrained, kwargs)
+        else:
+            layer_windows(pretrained.config.get_text_config(decoder=True))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(pretrained=pretrained, device=device, **kwargs)
+        self.stats_file = stats_file
+        self.run_stats = RunStats()
+        self._streaming = False
+        log.info("buzz_hf: %s", self.describe_run())
+
+    # -- settings ---------------------------------------------------------------------------
+    @property
+    def evicting(self) -> bool:
+        return not isinstance(self.policy, FullPolicy)
+
+    def describe_run(self) -> str:
+        sizes = " ".join(f"{k}={v}" for k, v in self.policy.sizes().items())
+        budget = f" (budget={self.budget})" if self.budget is not None else ""
+        if not self.evicting:
+            return "cache=full: HFLM's own generate/forward paths, no eviction"
+        prefill = self.prefill_chunk or "whole prompt"
+        return f"cache={self.policy.name} {sizes}{budget}; prefill_chunk={prefill}; score_chunk={self.score_chunk}"
+
+    def cache_settings(self) -> dict:
+        settings = {key: None for key in ("budget", *SIZE_KEYS)}
+        settings.update(self.policy.sizes())
+        settings.update(policy=self.policy.name, budget=self.budget, prefill_chunk=self.prefill_chunk,
+                        score_chunk=self.score_chunk if self.evicting else None)
+        return settings
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["buzz_cache"] = {**self.cache_settings(), **self.run_stats.summary()}
+        return info
+
+    @property
+    def max_length(self) -> int:
+        return UNBOUNDED if self._streaming else super().max_length
+
+    @contextlib.contextmanager
+    def streaming(self, enabled: bool):
+        """While enabled, lm-eval neither truncates nor windows: the cache bounds the memory."""
+        previous, self._streaming = self._streaming, enabled
+        try:
+            yield
+        finally:
+            self._streaming = previous
+
+    # -- request types ------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        with self.streaming(self.evicting and self.prefill_chunk is not None):
+            return super().generate_until(requests, disable_tqdm)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        with self.streaming(self.evicting):
+            return super().loglikelihood(requests, disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        with self.streaming(self.evicting):
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+
+    def tok_batch_encode(self, strings, *args, **kwargs):
+        self._batch_texts = list(strings)
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        cache = None
+        if self.evicting:
+            cache = generation_kwargs["past_key_values"] = build_cache(self.model, self.policy)
+            if self.prefill_chunk is not None:
+                generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
+        start = time.perf_counter()
+        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        seconds = time.perf_counter() - start
+        seen = out.shape[1] - 1
+        self.record("generate_until", cache, out.shape[0], seen, out.numel() - out.shape[0], seconds)
+        return out
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        if not self.evicting or attn_mask is not None or labels is not None:
+            start = time.perf_counter()
+            logits = super()._model_call(inps, attn_mask, labels)
+            self.record("loglikelihood", None, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
+            return logits
+        cache = build_cache(self.model, self.policy)
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(
+            device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
+        ):
+            logits = [self.model(input_ids=part, past_key_values=cache).logits for part in inps.split(self.score_chunk, 1)]
+        self.record("loglikelihood", cache, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
+        return torch.cat(logits, dim=1)
+
+    # -- statistics -----------------------------------------------------------------------------
+    def record(self, kind: str, cache, rows: int, seen: int, tokens: int, seconds: float) -> None:
+        """Fold one batch's cache statistics into the run; append it to ``stats_file`` if set."""
+        if cache is not None:
+            stats = cache.stats()
+        else:
+            stats = full_cache_stats(self.model.config, rows, seen, self.model.dtype.itemsize)
+        entry = self.run_stats.add(stats, rows, tokens, seconds)
+        if self.stats_file and self.rank == 0:
+            entry = {"request_type": kind, "policy": self.policy.name, **entry}
+            if kind == "generate_until":
+                texts = getattr(self, "_batch_texts", [])
+                entry["context_sha1"] = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
+            with open(self.stats_file, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+
+def check_architecture(pretrained: str, kwargs: dict) -> None:
+    """Load only the config and fail early if the cache cannot serve this architecture."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        pretrained,
+        revision=kwargs.get("revision") or "main",
+        trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+        subfolder=kwargs.get("subfolder") or "",
+    )
+    layer_windows(config.get_text_config(decoder=True))
