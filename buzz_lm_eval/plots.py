@@ -1,0 +1,154 @@
+"""PNG plots for ``buzz-lm-eval leaderboard`` (needs the optional ``plots`` extra: matplotlib).
+
+Per model, task and metric: (a) the metric against the KV budget, one line per policy, with the
+full cache as a dashed horizontal line; (b) relative quality against the measured compression
+ratio, one marker per policy. Figures are drawn with the Agg canvas and returned as PNG bytes;
+``render_plots`` raises ImportError when matplotlib is missing; ``write_plots`` says so instead.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import re
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, Callable
+
+MARKERS = {"local": "s", "streaming": "^", "h2o": "v", "buzz": "o", "buzz_fast": "D",
+           "buzz_nomax": "P"}
+SPARE_MARKERS = ("X", "*", "h", "<", ">", "p")
+PLOT_KEY = ("model", "task", "metric", "filter")
+DIRECTIONS = {True: "higher is better", False: "lower is better"}
+
+Row = dict[str, Any]
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of ``text``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def file_stem(row: Row) -> str:
+    """``task__metric[-filter]__model`` for a group's plots (filter ``none`` omitted)."""
+    metric = row["metric"] if row["filter"] == "none" else f"{row['metric']}-{row['filter']}"
+    return "__".join(slug(part) for part in (row["task"], metric, row["model"]))
+
+
+def marker(policy: str) -> str:
+    """The marker style of ``policy`` (a stable spare one for unknown policies)."""
+    return MARKERS.get(policy) or SPARE_MARKERS[sum(map(ord, policy)) % len(SPARE_MARKERS)]
+
+
+def direction(row: Row) -> str:
+    """``higher is better`` / ``lower is better`` / ``direction unknown``."""
+    return DIRECTIONS.get(row["higher_is_better"], "direction unknown")
+
+
+def series(rows: list[Row], *fields: str) -> dict[str, list[Row]]:
+    """Compressed (non-full) rows having all ``fields``, by policy, each sorted by budget."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        if row["policy"] != "full" and all(row[field] is not None for field in fields):
+            groups.setdefault(row["policy"], []).append(row)
+    return {policy: sorted(g, key=lambda r: r["budget"] or 0) for policy, g in groups.items()}
+
+
+def new_axes() -> Any:
+    """Axes on a Figure bound to the Agg canvas, independent of pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure.add_subplot()
+
+
+def finish(axes: Any, title: str, xlabel: str, ylabel: str) -> bytes:
+    """Label the axes, add grid and legend, and encode the figure as PNG."""
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(title="policy")
+    buffer = io.BytesIO()
+    axes.figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def budget_axis(axes: Any, budgets: list[int]) -> None:
+    """Log2 x axis with a tick at every measured budget."""
+    ticks = sorted(set(budgets))
+    if ticks[0] > 0:
+        axes.set_xscale("log", base=2)
+        axes.minorticks_off()
+    axes.set_xticks(ticks, [str(tick) for tick in ticks])
+
+
+def plot_vs_budget(rows: list[Row]) -> bytes | None:
+    """Metric against KV budget, a line per policy, full cache dashed; None if nothing to plot."""
+    lines = series(rows, "budget")
+    if not lines:
+        return None
+    axes = new_axes()
+    for policy, points in lines.items():
+        xs, ys = [p["budget"] for p in points], [p["value"] for p in points]
+        errors = [p["stderr"] or 0.0 for p in points]
+        axes.errorbar(xs, ys, yerr=errors, marker=marker(policy), capsize=3, label=policy)
+    for full in (row for row in rows if row["policy"] == "full"):
+        axes.axhline(full["value"], linestyle="--", color="black", label="full cache")
+    budget_axis(axes, [p["budget"] for points in lines.values() for p in points])
+    first = rows[0]
+    return finish(axes, f"{first['task']}: {first['metric']} vs KV budget — {first['model']}",
+                  "KV-cache budget (tokens kept)", f"{first['metric']} ({direction(first)})")
+
+
+def plot_vs_compression(rows: list[Row]) -> bytes | None:
+    """Relative quality against compression ratio, a marker per policy; None if nothing to plot."""
+    points_by_policy = series(rows, "relative_quality", "compression_ratio")
+    if not points_by_policy:
+        return None
+    axes = new_axes()
+    for policy, points in points_by_policy.items():
+        xs, ys = [p["compression_ratio"] for p in points], [p["relative_quality"] for p in points]
+        axes.scatter(xs, ys, marker=marker(policy), s=50, label=policy)
+        for x, y, point in zip(xs, ys, points):
+            axes.annotate(str(point["budget"]), (x, y), textcoords="offset points",
+                          xytext=(4, 4), fontsize=7)
+    axes.axhline(1.0, linestyle="--", color="black", label="full cache")
+    axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_formatter("{x:g}×")
+    first = rows[0]
+    title = f"{first['task']}: quality vs compression — {first['model']} (labels: budget)"
+    return finish(axes, title,
+                  "measured KV compression ratio (log scale, higher = smaller cache)",
+                  f"relative {first['metric']} (full cache = 1, above is better)")
+
+
+def render_plots(rows: list[Row]) -> dict[str, bytes]:
+    """PNG file name -> bytes for every model/task/metric group of the leaderboard rows."""
+    import matplotlib  # noqa: F401  (fail early and clearly when the extra is missing)
+
+    images: dict[str, bytes] = {}
+    ordered = sorted(rows, key=itemgetter(*PLOT_KEY))
+    for _, group in itertools.groupby(ordered, itemgetter(*PLOT_KEY)):
+        group_rows = list(group)
+        stem = file_stem(group_rows[0])
+        for kind, draw in (("vs_budget", plot_vs_budget), ("vs_compression", plot_vs_compression)):
+            png = draw(group_rows)
+            if png is not None:
+                images[f"{stem}__{kind}.png"] = png
+    return images
+
+
+def write_plots(rows: list[Row], out_dir: Path, write: Callable[[Path, bytes], None]) -> int:
+    """Render and ``write`` every plot into ``out_dir``; 0 with a message without matplotlib."""
+    try:
+        images = render_plots(rows)
+    except ImportError:
+        print("leaderboard: matplotlib is not installed, so no plots were drawn "
+              "(pip install 'buzz-lm-eval[plots]'); JSON and Markdown were still written")
+        return 0
+    for name, png in images.items():
+        write(out_dir / name, png)
+    return len(images)
