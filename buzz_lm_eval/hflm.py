@@ -84,21 +84,30 @@ class BuzzHFLM(HFLM):
     ):
         check_model_args(kwargs)
         sizes = dict(sink=sink, window=window, threshold=threshold, stride=stride, heavy=heavy, recent=recent)
-        self.policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
-        self.budget = budget
-        self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
-        self.score_chunk = _chunk("score_chunk", score_chunk) or self.prefill_chunk or 64
+        self.configure_cache(cache, budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk, **sizes)
         pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
         if isinstance(pretrained, str):
             check_architecture(pretrained, kwargs)
         else:
             layer_windows(pretrained.config.get_text_config(decoder=True))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.stats_file, self._streaming = stats_file, False
         super().__init__(pretrained=pretrained, device=device, **kwargs)
-        self.stats_file = stats_file
-        self.run_stats = RunStats()
-        self._streaming = False
         log.info("buzz_hf: %s", self.describe_run())
+
+    def configure_cache(self, cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, **sizes) -> None:
+        """Choose the policy for the next requests and restart the run statistics.
+
+        Used by ``__init__`` and by sweeps that keep one loaded model for many policies.
+        """
+        unknown = sorted(set(sizes) - set(SIZE_KEYS))
+        if unknown:
+            raise ValueError(f"buzz_hf: unknown cache setting(s) {', '.join(unknown)}; valid: {', '.join(OWN_KEYS)}")
+        self.policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
+        self.budget = budget
+        self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
+        self.score_chunk = _chunk("score_chunk", score_chunk) or self.prefill_chunk or 64
+        self.run_stats = RunStats()
 
     # -- settings ---------------------------------------------------------------------------
     @property
