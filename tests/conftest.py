@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
@@ -35,3 +37,10 @@ def stories():
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
     return model, tokenizer
+
+
+def pytest_configure(config):
+    """Tiny models run fastest on one thread; never reach the hub from tests."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
