@@ -38,6 +38,10 @@ class LayerStats:
     evict_seconds: float = 0.0
     sync: bool = False
 
+    def count_forward(self, kept: int) -> None:
+        self.forwards += 1
+        self.kept_tokens_sum += kept
+
     @contextmanager
     def timer(self):
         if self.sync:
@@ -81,7 +85,10 @@ class EvictingLayer(DynamicLayer):
         self.positions = torch.cat([self.positions, fresh.expand(*self.positions.shape[:2], new)], dim=-1)
         self.seen += new
         self.stats.peak_tokens = max(self.stats.peak_tokens, keys.shape[-2])
-        offer_layer(self)
+        if self.policy.evicts:
+            offer_layer(self)  # the attention function evicts after this layer's attention
+        else:
+            self.stats.count_forward(keys.shape[-2])
         return keys, values
 
     def stored(self) -> int:
@@ -153,8 +160,7 @@ class EvictingLayer(DynamicLayer):
             positions = self.positions.expand(batch, heads, length).gather(-1, keep)
             self.positions = positions.masked_fill(~real_slots(self.state.n_real, keep.shape[-1]), -1)
             self.evicted = True
-        self.stats.forwards += 1
-        self.stats.kept_tokens_sum += self.stored()
+        self.stats.count_forward(self.stored())
 
 
 class EvictingCache(Cache):
@@ -211,5 +217,6 @@ def build_cache(model, policy: str | Policy = "buzz", **policy_args) -> Evicting
         policy = build_policy(policy, **policy_args)
     elif policy_args:
         raise ValueError("pass either a Policy object or a policy name with its parameters, not both")
-    prepare_model(model)
+    if policy.evicts:
+        prepare_model(model)  # `full` keeps the model's own attention: bit-exact by construction
     return EvictingCache(policy, windows)

@@ -47,6 +47,15 @@ def test_full_policy_is_bit_exact(arch):
     assert torch.equal(plain, cached)
 
 
+def test_full_policy_leaves_the_models_own_attention_alone():
+    model = tiny_model("qwen2")
+    model.set_attn_implementation("eager")
+    batch = random_batch([33, 20])
+    reference = greedy(model, batch)
+    assert torch.equal(greedy(model, batch, build_cache(model, "full")), reference)
+    assert model.config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize("arch", list(CONFIGS))
 @pytest.mark.parametrize("policy", EVICTING)
 def test_padded_batch_matches_each_prompt_alone(arch, policy):

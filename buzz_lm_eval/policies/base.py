@@ -65,6 +65,7 @@ class Policy:
     params: ClassVar[tuple[str, ...]] = ()
     needs_scores: ClassVar[bool] = False
     accumulates: ClassVar[bool] = False  # keeps the accumulated score S in its state
+    evicts: ClassVar[bool] = True  # False only for ``full``
 
     def new_state(self) -> PolicyState:
         return PolicyState()

@@ -9,6 +9,7 @@ class FullPolicy(Policy):
     """Never evicts. Has no budget: it is the full-cache reference line."""
 
     name = "full"
+    evicts = False
 
     def select(self, state, inp, current):
         return None
