@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +48,17 @@ def pytest_configure(config):
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def lm_eval_cli(tmp_path: Path, model: str, model_args: str, task: str, limit: int = 1) -> dict:
+    """Run the installed ``lm_eval`` console script offline and return its results JSON."""
+    script = Path(sys.executable).with_name("lm_eval")
+    out = tmp_path / model / model_args.replace(",", "_").replace("=", "-").replace("/", "")[-40:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = f"pretrained={DEFAULT_MODEL_DIR},{model_args}".rstrip(",")
+    cmd = [str(script), "--model", model, "--model_args", args, "--tasks", task,
+           "--limit", str(limit), "--device", "cpu", "--output_path", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = out.rglob("results_*.json")
+    return json.loads(path.read_text())

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +13,8 @@ from transformers import GPT2Config
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.hflm import BuzzHFLM
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
+
+from .conftest import lm_eval_cli
 
 MODEL = str(DEFAULT_MODEL_DIR)
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. " * 3
@@ -123,19 +121,6 @@ def test_unsupported_architecture_fails_from_its_config(tmp_path):
 
 
 # -- the installed console script ------------------------------------------------------------
-def lm_eval_cli(tmp_path: Path, model: str, model_args: str, task: str) -> dict:
-    """Run the installed ``lm_eval`` script and return its results JSON."""
-    script = Path(sys.executable).with_name("lm_eval")
-    out = tmp_path / model / model_args.replace(",", "_").replace("=", "-").replace("/", "")[-40:]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [str(script), "--model", model, "--model_args", f"pretrained={MODEL},{model_args}".rstrip(","),
-           "--tasks", task, "--limit", "1", "--device", "cpu", "--output_path", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [path] = out.rglob("results_*.json")
-    return json.loads(path.read_text())
-
-
 def test_cli_runs_buzz_hf_and_records_cache_stats(tmp_path):
     results = lm_eval_cli(tmp_path, "buzz_hf", "cache=buzz,budget=64,score_chunk=16", "buzz_wikitext_smoke")
     stats = results["config"]["buzz_cache"]

@@ -1,0 +1,309 @@
+"""``buzz-lm-eval sweep``: a grid of KV-cache policies and budgets through lm-eval, one model load.
+
+    buzz-lm-eval sweep --model_args pretrained=M,dtype=bfloat16 --policies full,streaming,h2o,buzz \\
+        --budgets 128,256,512 --tasks buzz_cnndm,buzz_10qa --output results/run1
+
+Every (policy, budget) is one ``lm_eval.simple_evaluate`` call on the same ``buzz_hf`` model
+(``configure_cache`` switches the policy); ``full`` runs once, without a budget. Each run writes
+``OUTPUT/<policy>_b<budget>/results_<date>.json`` (``OUTPUT/full/...`` for full), the file
+``lm_eval --model buzz_hf --output_path`` would write, plus a ``sweep`` block (command, hardware,
+date, wall seconds). A run whose directory already holds a ``results_*.json`` is skipped, so a
+killed sweep resumes where it stopped (use a new OUTPUT for another model or other tasks).
+
+Unknown policies and tasks, and budgets a policy cannot split, are reported up front and skipped;
+so is a run that fails. The exit code is 1 when anything was skipped or failed, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from buzz_lm_eval.hflm import OWN_KEYS
+from buzz_lm_eval.leaderboard import write_atomic
+from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
+from buzz_lm_eval.policies import POLICY_NAMES, build_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One grid point: a policy and its KV budget (None for full)."""
+
+    policy: str
+    budget: int | None
+
+    @property
+    def name(self) -> str:
+        return self.policy if self.budget is None else f"{self.policy}_b{self.budget}"
+
+
+@dataclasses.dataclass
+class Sweep:
+    """What every run of one sweep shares."""
+
+    args: argparse.Namespace
+    base_args: str
+    model: str
+    tasks: list[str]
+    task_manager: Any
+    command: str
+    hardware: dict[str, Any]
+
+
+def report(message: str) -> None:
+    """One diagnostic line on stderr."""
+    print(f"sweep: {message}", file=sys.stderr, flush=True)
+
+
+def names(text: str) -> list[str]:
+    """Comma-separated names, stripped, without blanks or repeats, in order."""
+    return list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+
+
+def budgets(text: str) -> list[int]:
+    """Comma-separated integer budgets."""
+    try:
+        return [int(part) for part in names(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"budgets must be integers: {text!r}") from exc
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        prog="buzz-lm-eval sweep",
+        description="Run a grid of KV-cache policies and budgets through lm-eval, loading the model once.",
+    )
+    parser.add_argument("--model_args", default="", help="buzz_hf/hf model_args without cache settings "
+                        f"(default pretrained: the shipped {DEFAULT_MODEL_DIR.name})")
+    parser.add_argument("--policies", type=names, required=True, help="e.g. full,streaming,h2o,buzz")
+    parser.add_argument("--budgets", type=budgets, default=[], help="KV-token budgets, e.g. 128,256,512")
+    parser.add_argument("--tasks", type=names, required=True, help="lm-eval task or group names")
+    parser.add_argument("--output", type=Path, required=True, help="directory for the results files")
+    parser.add_argument("--limit", type=float, help="documents per task (below 1: a fraction)")
+    parser.add_argument("--prefill_chunk", type=positive_int, help="buzz_hf prefill_chunk")
+    parser.add_argument("--score_chunk", type=positive_int, help="buzz_hf score_chunk")
+    parser.add_argument("--apply_chat_template", action="store_true", help="as in lm_eval")
+    parser.add_argument("--gen_kwargs", help="as in lm_eval, e.g. max_gen_toks=64")
+    return parser.parse_args(argv)
+
+
+def split_model_args(model_args: str) -> tuple[str, dict[str, Any]]:
+    """(model_args string with pretrained=, parsed kwargs); cache settings are the sweep's own."""
+    from lm_eval.utils import simple_parse_args_string
+
+    kwargs = simple_parse_args_string(model_args)
+    reserved = sorted(set(kwargs) & set(OWN_KEYS))
+    if reserved:
+        raise ValueError(f"--model_args must not set {', '.join(reserved)}: the sweep sets the cache "
+                         "(use --policies/--budgets/--prefill_chunk/--score_chunk)")
+    if "pretrained" not in kwargs:
+        kwargs["pretrained"] = str(DEFAULT_MODEL_DIR)
+        model_args = ",".join(filter(None, [f"pretrained={DEFAULT_MODEL_DIR}", model_args.strip(",")]))
+    return model_args, kwargs
+
+
+def plan_grid(policies: list[str], budget_list: list[int]) -> tuple[list[Run], list[str]]:
+    """The valid runs, and one message per invalid policy or (policy, budget)."""
+    runs, problems = [], []
+    for policy in policies:
+        if policy not in POLICY_NAMES:
+            problems.append(f"skipping unknown policy {policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
+            continue
+        grid = [Run(policy, None)] if policy == "full" else [Run(policy, b) for b in budget_list]
+        if not grid:
+            problems.append(f"skipping policy {policy!r}: it needs --budgets")
+        for run in grid:
+            try:
+                build_policy(run.policy, budget=run.budget)
+                runs.append(run)
+            except ValueError as exc:
+                problems.append(f"skipping {run.name}: {exc}")
+    return runs, problems
+
+
+def resolve_tasks(requested: list[str], task_manager) -> tuple[list[str], list[str]]:
+    """Known task names (globs expanded by lm-eval), and one message per unknown name."""
+    tasks, problems = [], []
+    for name in requested:
+        matched = task_manager.match_tasks([name])
+        if matched:
+            tasks.extend(t for t in matched if t not in tasks)
+        else:
+            problems.append(f"skipping unknown task {name!r} (not in lm-eval's task index)")
+    return tasks, problems
+
+
+def run_model_args(sweep: Sweep, run: Run) -> str:
+    """The ``--model_args`` of the equivalent ``lm_eval --model buzz_hf`` command."""
+    args = sweep.args
+    settings = {"cache": run.policy, "budget": run.budget,
+                "prefill_chunk": args.prefill_chunk, "score_chunk": args.score_chunk}
+    extra = [f"{key}={value}" for key, value in settings.items() if value is not None]
+    return ",".join([sweep.base_args, *extra])
+
+
+def results_files(run_dir: Path) -> list[Path]:
+    """The lm-eval results files already in a run's directory."""
+    return sorted(run_dir.glob("results_*.json"))
+
+
+def cpu_name() -> str:
+    """The CPU model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict[str, Any]:
+    """Platform, CPU, torch version and CUDA device, for the ``sweep`` block."""
+    import torch
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda_device": cuda}
+
+
+def load_model(kwargs: dict[str, Any]):
+    """The one ``buzz_hf`` model of the sweep (its cache is set per run)."""
+    from buzz_lm_eval.hflm import BuzzHFLM
+
+    return BuzzHFLM(cache="full", **kwargs)
+
+
+def evaluate(lm, sweep: Sweep, run: Run) -> dict[str, Any]:
+    """One run through ``simple_evaluate``, as lm-eval's CLI would save it (without the sweep block)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
+    args = sweep.args
+    lm.configure_cache(run.policy, run.budget, prefill_chunk=args.prefill_chunk, score_chunk=args.score_chunk)
+    tracker = EvaluationTracker()
+    results = simple_evaluate(
+        model=lm, model_args=run_model_args(sweep, run), tasks=sweep.tasks, task_manager=sweep.task_manager,
+        limit=args.limit, log_samples=False, evaluation_tracker=tracker, device=str(lm.device),
+        batch_size=lm.batch_size, apply_chat_template=args.apply_chat_template, gen_kwargs=args.gen_kwargs,
+    )
+    # simple_evaluate names an LM object by its checkpoint; config.buzz_cache comes from get_model_info
+    results["config"]["model"] = "buzz_hf"
+    tracker.general_config_tracker.model_source = "buzz_hf"
+    tracker.general_config_tracker.log_end_time()
+    return {**results, "task_hashes": {}, **dataclasses.asdict(tracker.general_config_tracker)}
+
+
+def save(run_dir: Path, results: dict[str, Any]) -> Path:
+    """Write ``results_<date>.json`` atomically (lm-eval's naming and JSON encoding)."""
+    from lm_eval.utils import handle_non_serializable
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f"results_{datetime.now().isoformat().replace(':', '-')}.json"
+    write_atomic(path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    return path
+
+
+def headline(results: dict[str, Any]) -> str:
+    """The first metric of each task and the compression ratio, for the log line."""
+    parts = []
+    for task, values in results["results"].items():
+        metric = next((k for k, v in values.items() if "," in k and "_stderr" not in k
+                       and isinstance(v, (int, float))), None)
+        if metric:
+            parts.append(f"{task} {metric.split(',')[0]}={values[metric]:.4g}")
+    ratio = results["config"]["buzz_cache"].get("compression_ratio")
+    return ", ".join(parts + ([f"compression {ratio:.2f}x"] if ratio else []))
+
+
+def execute(lm, sweep: Sweep, run: Run) -> str:
+    """Evaluate and save one run; returns its log line."""
+    started, wall = datetime.now(timezone.utc).isoformat(), time.perf_counter()
+    results = evaluate(lm, sweep, run)
+    results["sweep"] = {"command": sweep.command, "run": run.name, "model": sweep.model,
+                        "hardware": sweep.hardware, "date": started,
+                        "wall_seconds": round(time.perf_counter() - wall, 3)}
+    path = save(sweep.args.output / run.name, results)
+    return f"{run.name}: done in {results['sweep']['wall_seconds']:.1f} s; {headline(results)} -> {path}"
+
+
+def run_grid(lm, sweep: Sweep, pending: list[Run], total: int) -> list[str]:
+    """Every pending run under a progress bar; returns the names of the runs that failed."""
+    from tqdm.auto import tqdm
+
+    failed = []
+    with tqdm(total=total, initial=total - len(pending), desc="sweep", unit="run") as bar:
+        for run in pending:
+            bar.set_postfix_str(run.name)
+            try:
+                tqdm.write(execute(lm, sweep, run), file=sys.stderr)
+            except Exception as exc:  # one broken run must not stop the grid
+                traceback.print_exc()
+                report(f"{run.name} FAILED ({type(exc).__name__}: {exc}); continuing")
+                failed.append(run.name)
+            bar.update()
+    return failed
+
+
+def validate(
+    args: argparse.Namespace, metadata: dict[str, Any]
+) -> tuple[list[Run], list[str], Any, list[str]]:
+    """(valid runs, valid tasks, TaskManager, problems), reporting every problem."""
+    from lm_eval.tasks import TaskManager
+
+    runs, problems = plan_grid(args.policies, args.budgets)
+    task_manager = TaskManager(metadata=metadata)
+    tasks, task_problems = resolve_tasks(args.tasks, task_manager)
+    for problem in problems + task_problems:
+        report(problem)
+    return runs, tasks, task_manager, problems + task_problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; 0 when every requested run has results, else 1 (2 for bad --model_args)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        base_args, kwargs = split_model_args(args.model_args)
+    except ValueError as exc:
+        report(str(exc))
+        return 2
+    runs, tasks, task_manager, problems = validate(args, dict(kwargs))
+    if not runs or not tasks:
+        report("nothing valid to run: " + ("no valid (policy, budget)" if not runs else "no known task"))
+        return 1
+    done = [run for run in runs if results_files(args.output / run.name)]
+    for run in done:
+        report(f"{run.name}: skipped, {results_files(args.output / run.name)[-1]} exists")
+    pending = [run for run in runs if run not in done]
+    failed = []
+    if pending:
+        command = shlex.join(["buzz-lm-eval", "sweep", *argv])
+        sweep = Sweep(args, base_args, kwargs["pretrained"], tasks, task_manager, command, hardware())
+        failed = run_grid(load_model(kwargs), sweep, pending, len(runs))
+    print(f"sweep: {len(runs) - len(failed)} of {len(runs)} runs have results under {args.output}/"
+          f" ({len(pending) - len(failed)} new, {len(done)} already there, {len(failed)} failed)")
+    print(f"leaderboard: buzz-lm-eval leaderboard {shlex.quote(str(args.output))}")
+    return 1 if problems or failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
