@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 
 from .conftest import lm_eval_cli
+from .test_tasks import METRICS
 
-METRICS = {
-    "buzz_cnndm_smoke": ("rouge1", "rouge2", "rougeL"),
-    "buzz_xsum_smoke": ("rouge1", "rouge2", "rougeL"),
-    "buzz_wikitext_smoke": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
-    "buzz_10qa_smoke_gold0": ("best_subspan_em",),
-    "buzz_10qa_smoke_gold4": ("best_subspan_em",),
-    "buzz_10qa_smoke_gold9": ("best_subspan_em",),
-    "buzz_10qa_smoke": ("best_subspan_em",),
-}
 STATS = ("kept_tokens_peak", "kept_tokens_mean", "kv_bytes_peak", "kv_bytes_mean", "compression_ratio",
          "evict_seconds", "tokens_per_second")
 
