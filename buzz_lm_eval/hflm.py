@@ -27,10 +27,11 @@ from lm_eval.models.huggingface import HFLM
 
 from .cache import build_cache, layer_windows
 from .paths import DEFAULT_MODEL_DIR
-from .policies import FullPolicy, build_policy
+from .policies import build_policy
 from .run_stats import RunStats, full_cache_stats
 
-log = logging.getLogger(__name__)
+# a child of lm-eval's logger, so the harness's own logging set-up shows our lines
+log = logging.getLogger("lm_eval.buzz_hf")
 
 SIZE_KEYS = ("sink", "window", "threshold", "stride", "heavy", "recent")
 OWN_KEYS = ("cache", "budget", *SIZE_KEYS, "prefill_chunk", "score_chunk", "stats_file")
@@ -112,7 +113,7 @@ class BuzzHFLM(HFLM):
     # -- settings ---------------------------------------------------------------------------
     @property
     def evicting(self) -> bool:
-        return not isinstance(self.policy, FullPolicy)
+        return self.policy.evicts
 
     def describe_run(self) -> str:
         sizes = " ".join(f"{k}={v}" for k, v in self.policy.sizes().items())
