@@ -137,7 +137,8 @@ class BuzzHFLM(HFLM):
 
     @property
     def max_length(self) -> int:
-        return UNBOUNDED if self._streaming else super().max_length
+        """Unbounded while streaming, unless ``max_length`` was given explicitly in model_args."""
+        return UNBOUNDED if self._streaming and not self._max_length else super().max_length
 
     @contextlib.contextmanager
     def streaming(self, enabled: bool):

@@ -134,3 +134,11 @@ def test_cli_full_cache_matches_stock_hf(tmp_path):
     ours = lm_eval_cli(tmp_path, "buzz_hf", "cache=full", "buzz_wikitext_smoke")
     stock = lm_eval_cli(tmp_path, "hf", "", "buzz_wikitext_smoke")
     assert ours["results"] == stock["results"]
+
+
+def test_explicit_max_length_keeps_truncation_with_chunked_prefill():
+    gen = requests("generate_until", (STORY * 12, {"until": ["\n\n"], "max_gen_toks": 16}))
+    lm = buzz(cache="buzz", budget=48, prefill_chunk=16, max_length=200)
+    lm.generate_until(gen)
+    stats = lm.get_model_info()["buzz_cache"]
+    assert stats["tokens_processed"] <= 200 and stats["kept_tokens_peak"] <= 48 - 1 + 16
