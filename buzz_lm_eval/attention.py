@@ -87,9 +87,12 @@ def attention_scores(query, key, visible, scaling: float) -> torch.Tensor:
     for start in range(0, q_len, block):
         stop = min(q_len, start + block)
         logits = torch.matmul(grouped[..., start:stop, :], keys_t).float() * scaling
-        allowed = _visible_block(visible, start, stop, q_len, length, query.device)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked (padding) rows
+        if visible is not None or q_len > 1:
+            allowed = _visible_block(visible, start, stop, q_len, length, query.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if visible is not None:
+            probs = probs.nan_to_num_(0.0)  # rows of padding queries see nothing
         total += probs.sum(dim=(2, 3))
     return total
 

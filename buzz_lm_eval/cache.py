@@ -60,13 +60,15 @@ class EvictingLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: Policy, sliding_window: int | None = None):
+    def __init__(self, policy: Policy, sliding_window: int | None = None, sync_timing: bool = False):
         super().__init__()
+        self.sync_timing = sync_timing
         self.policy = policy
         self.state = policy.new_state()
         self.sliding_window = sliding_window
         self.seen = 0
-        self.evicted = False
+        self.evicted = False  # stored slots no longer equal the seen sequence
+        self.padded = False  # some stored slot is padding (position -1)
         self.positions: torch.Tensor | None = None  # [B, 1|H, L] original positions, -1 = padding
         self.stats = LayerStats()
 
@@ -76,7 +78,7 @@ class EvictingLayer(DynamicLayer):
         self.positions = torch.empty(key_states.shape[0], 1, 0, dtype=torch.long, device=self.device)
         batch, heads, _, dim = key_states.shape
         self.stats.bytes_per_token = 2 * batch * heads * dim * key_states.element_size()
-        self.stats.sync = key_states.device.type == "cuda"
+        self.stats.sync = self.sync_timing and key_states.device.type == "cuda"
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states)
@@ -103,7 +105,8 @@ class EvictingLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.state, self.seen, self.evicted, self.positions = self.policy.new_state(), 0, False, None
+        self.state, self.seen, self.positions = self.policy.new_state(), 0, None
+        self.evicted = self.padded = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -128,6 +131,8 @@ class EvictingLayer(DynamicLayer):
         """[B, 1|H, q, L] bool mask of what the new queries may see (library mask until evicted)."""
         if not self.evicted:
             return library_mask
+        if q == 1 and not self.padded and self.sliding_window is None:
+            return None  # a single query sees every stored token
         past = self.positions[..., : self.stored() - q]
         allowed = (past >= 0).unsqueeze(2)
         if self.sliding_window is not None:
@@ -146,28 +151,31 @@ class EvictingLayer(DynamicLayer):
         if query_valid is not None and not bool(query_valid.all()):
             new = self.positions[..., -query_valid.shape[-1] :]
             new.masked_fill_(~query_valid.unsqueeze(1), -1)
-        valid = self.positions[:, 0] >= 0
+            self.padded = True
         batch, heads, length, dim = self.keys.shape
         keep = self.policy.step(
             self.state,
             None if scores is None else scores.unsqueeze(2),
-            None if bool(valid.all()) else valid,
+            self.positions[:, 0] >= 0 if self.padded else None,
             shape=(batch, heads, length),
         )
         if keep is not None:
             index = keep.unsqueeze(-1).expand(batch, heads, keep.shape[-1], dim)
             self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
             positions = self.positions.expand(batch, heads, length).gather(-1, keep)
-            self.positions = positions.masked_fill(~real_slots(self.state.n_real, keep.shape[-1]), -1)
             self.evicted = True
+            if self.padded:
+                positions = positions.masked_fill(~real_slots(self.state.n_real, keep.shape[-1]), -1)
+                self.padded = bool((positions < 0).any())
+            self.positions = positions
         self.stats.count_forward(self.stored())
 
 
 class EvictingCache(Cache):
     """A Cache of ``EvictingLayer``s, one per decoder layer, sharing one policy."""
 
-    def __init__(self, policy: Policy, sliding_windows: list[int | None]):
-        super().__init__(layers=[EvictingLayer(policy, window) for window in sliding_windows])
+    def __init__(self, policy: Policy, sliding_windows: list[int | None], sync_timing: bool = False):
+        super().__init__(layers=[EvictingLayer(policy, window, sync_timing) for window in sliding_windows])
         self.policy = policy
 
     def stats(self) -> dict:
@@ -210,8 +218,12 @@ def layer_windows(config) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
-def build_cache(model, policy: str | Policy = "buzz", **policy_args) -> EvictingCache:
-    """A fresh evicting cache for one batch of requests to ``model`` (prepared once for score capture)."""
+def build_cache(model, policy: str | Policy = "buzz", *, sync_timing: bool = False, **policy_args) -> EvictingCache:
+    """A fresh evicting cache for one batch of requests to ``model`` (prepared once for score capture).
+
+    ``sync_timing`` makes ``evict_seconds`` exact on CUDA by synchronising around each eviction
+    (benchmarks); otherwise it is host time, which on a GPU undercounts queued kernels.
+    """
     windows = layer_windows(model.config.get_text_config(decoder=True))
     if not isinstance(policy, Policy):
         policy = build_policy(policy, **policy_args)
@@ -219,4 +231,4 @@ def build_cache(model, policy: str | Policy = "buzz", **policy_args) -> Evicting
         raise ValueError("pass either a Policy object or a policy name with its parameters, not both")
     if policy.evicts:
         prepare_model(model)  # `full` keeps the model's own attention: bit-exact by construction
-    return EvictingCache(policy, windows)
+    return EvictingCache(policy, windows, sync_timing)
