@@ -80,13 +80,15 @@ def attention_scores(query, key, visible, scaling: float) -> torch.Tensor:
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    grouped = query.view(batch, kv_heads, q_heads // kv_heads, q_len, dim)
-    keys_t = key.unsqueeze(2).transpose(-1, -2)
+    groups = q_heads // kv_heads
+    grouped = query.view(batch, kv_heads, groups, q_len, dim)
+    keys_t = key.transpose(-1, -2)  # [B, H_kv, D, L], shared by the group: never repeated
     block = max(1, SCORE_BLOCK_ELEMENTS // max(1, batch * q_heads * length))
     total = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=query.device)
     for start in range(0, q_len, block):
         stop = min(q_len, start + block)
-        logits = torch.matmul(grouped[..., start:stop, :], keys_t).float() * scaling
+        rows = grouped[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), dim)
+        logits = torch.matmul(rows, keys_t).view(batch, kv_heads, groups, stop - start, length).float() * scaling
         if visible is not None or q_len > 1:
             allowed = _visible_block(visible, start, stop, q_len, length, query.device)
             logits = logits.masked_fill(~allowed, float("-inf"))
