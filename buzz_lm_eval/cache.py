@@ -160,14 +160,26 @@ class EvictingLayer(DynamicLayer):
             shape=(batch, heads, length),
         )
         if keep is not None:
-            self.keys, self.values = take_tokens(self.keys, keep), take_tokens(self.values, keep)
-            positions = self.positions.expand(batch, heads, length).gather(-1, keep)
+            shared = shared_indices(keep)
+            if shared is not None:  # one list for every row and head: plain slicing copies
+                self.keys, self.values = self.keys.index_select(2, shared), self.values.index_select(2, shared)
+                positions = self.positions.index_select(-1, shared)
+            else:
+                self.keys, self.values = take_tokens(self.keys, keep), take_tokens(self.values, keep)
+                positions = self.positions.expand(batch, heads, length).gather(-1, keep)
             self.evicted = True
             if self.padded:
                 positions = positions.masked_fill(~real_slots(self.state.n_real, keep.shape[-1]), -1)
                 self.padded = bool((positions < 0).any())
             self.positions = positions
         self.stats.count_forward(self.stored())
+
+
+def shared_indices(keep: torch.Tensor) -> torch.Tensor | None:
+    """The [K] index list if ``keep`` [B, H, K] is one list broadcast to every row and head."""
+    if all(size == 1 or stride == 0 for size, stride in zip(keep.shape[:2], keep.stride()[:2])):
+        return keep[0, 0]
+    return None
 
 
 def take_tokens(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

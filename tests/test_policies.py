@@ -252,3 +252,21 @@ def test_padded_rows_evict_as_if_alone(name):
         real = int(batch_state.n_real[b])
         alone = singles[b][0] if singles[b] is not None else torch.arange(n).expand(2, n)
         assert torch.equal(keep[b, :, width - real :] - (total - n), alone)
+
+
+@pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n != "full"])
+def test_padding_aware_path_equals_the_uniform_path(name):
+    """The same rule written twice (masked rows vs one shared geometry) agrees step by step."""
+    policy = build_policy(name, budget=20)
+    gen = torch.Generator().manual_seed(7)
+    fast, masked, length = policy.new_state(), policy.new_state(), 0
+    for step in range(80):
+        length += 6 if step % 9 == 0 else 1
+        attn = (torch.rand(2, 3, 1, length, generator=gen) * 4).round() / 4
+        attn = attn if policy.needs_scores or name == "buzz_fast" else None
+        a = policy.step(fast, attn, shape=(2, 3, length))
+        b = policy.step(masked, attn, torch.ones(2, length, dtype=torch.bool), shape=(2, 3, length))
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"step {step}"
+        if fast.scores is not None:
+            assert torch.equal(fast.scores, masked.scores)
+        length = length if a is None else a.shape[-1]

@@ -27,12 +27,13 @@ class PolicyState:
     scores: torch.Tensor | None = None  # [B, H, L] float32 accumulated attention (S)
     n_old: torch.Tensor | None = None  # [B, 1, 1] middle tokens that are earlier samples
     n_real: torch.Tensor | None = None  # [B] real (non-padding) trailing slots after the step
+    n_old_all: int | None = None  # n_old when every row has the same one (the fast path)
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (or reorder) batch rows, for beam search and batch pruning."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if isinstance(value, torch.Tensor):
                 setattr(self, f.name, value.index_select(0, index.to(value.device)))
 
 
@@ -43,6 +44,15 @@ class Selection:
     keep: torch.Tensor  # [B, 1|H, L] bool, kept real tokens
     reset: torch.Tensor | None = None  # [B, 1|H, L] bool, kept tokens whose score restarts at 0
     n_old: torch.Tensor | None = None  # [B, 1, 1] new count of earlier samples (buzz)
+
+
+@dataclass(frozen=True)
+class Picked:
+    """A decision for rows of one shared geometry (no padding): ascending indices directly."""
+
+    indices: torch.Tensor  # [1|B, 1|H, K] ascending indices, the same count in every row
+    reset_below: int = 0  # kept tokens before this index restart their score at 0
+    n_old: int | None = None  # new count of earlier samples (buzz)
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,11 @@ class Policy:
             device = mask.device if mask is not None else torch.device("cpu")
         else:
             raise ValueError(f"policy {self.name!r}: pass attn or shape=(B, H_kv, L)")
-        inp = _geometry(batch, heads, length, mask, device)
         if self.accumulates:
             state.scores = _accumulate(state.scores, current, length)
+        if mask is None and (state.n_old is None or state.n_old_all is not None):
+            return self._step_uniform(state, batch, heads, length, current, device)
+        inp = _geometry(batch, heads, length, mask, device)
         selection = self.select(state, inp, current)
         if selection is None:
             state.n_real = inp.n.view(-1)
@@ -112,14 +124,34 @@ class Policy:
                 live = live & ~selection.reset.expand(batch, heads, length).gather(-1, keep)
             state.scores = state.scores.gather(-1, keep) * live
         if selection.n_old is not None:
-            state.n_old = selection.n_old
+            state.n_old, state.n_old_all = selection.n_old, None
         return keep
 
-    # -- hooks for subclasses -------------------------------------------------------------
+    def _step_uniform(self, state, batch, heads, length, current, device) -> torch.Tensor | None:
+        """The step when every row has the same geometry: index arithmetic, no masks or sorts."""
+        picked = self.pick(state, length, current, device)
+        state.n_real = torch.full((batch,), length if picked is None else picked.indices.shape[-1], device=device)
+        if picked is None:
+            return None
+        keep = picked.indices.expand(batch, heads, -1)
+        if state.scores is not None:
+            state.scores = state.scores.gather(-1, keep)
+            if picked.reset_below:
+                state.scores.masked_fill_(keep < picked.reset_below, 0.0)
+        if picked.n_old is not None:
+            state.n_old_all = picked.n_old
+            state.n_old = torch.full((batch, 1, 1), picked.n_old, device=device)
+        return keep
+
+    # -- hooks for subclasses (the same rule, twice) -----------------------------------------
     def select(
         self, state: PolicyState, inp: StepInput, current: torch.Tensor | None
     ) -> Selection | None:
-        """Decide which real tokens stay; None keeps everything."""
+        """Any batch, rows with their own padding: a mask of the kept real tokens, or None."""
+        raise NotImplementedError
+
+    def pick(self, state: PolicyState, length: int, current, device) -> Picked | None:
+        """Rows without padding (one geometry): the kept indices, or None to keep everything."""
         raise NotImplementedError
 
     def sizes(self) -> dict[str, int]:
@@ -156,6 +188,11 @@ def _accumulate(scores: torch.Tensor | None, current: torch.Tensor, length: int)
     if pad < 0:
         raise ValueError(f"attention covers {length} tokens but the state already holds {scores.shape[-1]}")
     return torch.nn.functional.pad(scores, (0, pad)) + current
+
+
+def span(start: int, stop: int, device, step: int = 1) -> torch.Tensor:
+    """``arange(start, stop, step)`` shaped [1, 1, n] to broadcast over rows and heads."""
+    return torch.arange(start, stop, step, device=device).view(1, 1, -1)
 
 
 def _indices_from_mask(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

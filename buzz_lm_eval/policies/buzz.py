@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Policy, Selection, StepInput, check_sizes
+from .base import Picked, Policy, Selection, StepInput, check_sizes, span
 from .budget import split_budget
 
 # The authors' defaults, and their window:threshold ratio used to split a budget.
@@ -82,6 +82,25 @@ class BuzzPolicy(Policy):
             reset=(sink | old_kept) & active,
             n_old=torch.where(active, kept_middle, n_old),
         )
+
+    def pick(self, state, length, current, device):
+        middle = length - self.sink - self.window
+        if length <= self.sink + self.window or middle <= self.threshold:
+            return None
+        start, stop = self.sink + (state.n_old_all or 0), length - self.window
+        fresh = self.segment_winners(self.segment_scores(state, current), start, stop, device)
+        rows = fresh.shape[:2]
+        older = torch.cat([span(0, self.sink, device), span(self.sink, start, device, self.thin)], dim=-1)
+        indices = torch.cat([older.expand(*rows, -1), fresh, span(stop, length, device).expand(*rows, -1)], dim=-1)
+        return Picked(indices, reset_below=start, n_old=older.shape[-1] - self.sink + fresh.shape[-1])
+
+    def segment_winners(self, scores, start: int, stop: int, device) -> torch.Tensor:
+        """Per segment of ``stride`` tokens in [start, stop), the top-scoring index (earliest on ties)."""
+        count = -(-(stop - start) // self.stride)
+        padding = count * self.stride - (stop - start)
+        region = torch.nn.functional.pad(scores[..., start:stop], (0, padding), value=float("-inf"))
+        best = region.view(*region.shape[:2], count, self.stride).argmax(dim=-1)
+        return best + span(start, stop, device, self.stride)
 
     def pick_fresh(self, fresh, offset, scores, inp: StepInput) -> torch.Tensor:
         """Per segment of ``stride`` fresh tokens, keep the top-scoring one (earliest on ties)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import span
 from .buzz import BuzzPolicy
 
 
@@ -16,3 +17,6 @@ class BuzzNoMaxPolicy(BuzzPolicy):
 
     def pick_fresh(self, fresh, offset, scores, inp):
         return fresh & (offset % self.stride == 0)
+
+    def segment_winners(self, scores, start, stop, device):
+        return span(start, stop, device, self.stride)

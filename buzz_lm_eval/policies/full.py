@@ -13,3 +13,6 @@ class FullPolicy(Policy):
 
     def select(self, state, inp, current):
         return None
+
+    def pick(self, state, length, current, device):
+        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Policy, Selection, check_sizes
+from .base import Policy, Picked, Selection, check_sizes, span
 from .budget import split_budget
 
 
@@ -41,3 +41,11 @@ class H2OPolicy(Policy):
         heavy = torch.zeros_like(candidate.expand_as(ranked)).scatter(-1, top, True) & candidate
         keep = heavy | (rel >= boundary)
         return Selection(keep=torch.where(active, keep, rel >= 0))
+
+    def pick(self, state, length, current, device):
+        if length <= self.heavy + self.recent:
+            return None
+        older = state.scores[..., : length - self.recent]
+        top = older.sort(dim=-1, descending=True, stable=True).indices[..., : self.heavy].sort(dim=-1).values
+        recent = span(length - self.recent, length, device).expand(*top.shape[:2], -1)
+        return Picked(torch.cat([top, recent], dim=-1))

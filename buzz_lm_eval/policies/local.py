@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Policy, Selection, check_sizes
+from .base import Policy, Picked, Selection, check_sizes, span
 
 
 class LocalPolicy(Policy):
@@ -28,3 +28,6 @@ class LocalPolicy(Policy):
         if bool((inp.n <= self.window).all()):
             return None
         return Selection(keep=inp.rel >= (inp.n - self.window).clamp_min(0))
+
+    def pick(self, state, length, current, device):
+        return None if length <= self.window else Picked(span(length - self.window, length, device))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Policy, Selection, check_sizes
+import torch
+
+from .base import Policy, Picked, Selection, check_sizes, span
 
 
 class StreamingPolicy(Policy):
@@ -31,3 +33,8 @@ class StreamingPolicy(Policy):
         rel = inp.rel
         keep = (rel >= 0) & ((rel < self.sink) | (rel >= inp.n - self.window))
         return Selection(keep=keep)
+
+    def pick(self, state, length, current, device):
+        if length <= self.sink + self.window:
+            return None
+        return Picked(torch.cat([span(0, self.sink, device), span(length - self.window, length, device)], dim=-1))
