@@ -47,14 +47,34 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with layer.stats.timer():
         visible = layer.visibility(attention_mask, query.shape[2])
-    output = sdpa_attention_forward(module, query, key, value, expand_to_query_heads(visible, query), **kwargs)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    scores = None
+    if layer.policy.needs_scores and query.shape[2] == 1 and not module.training:
+        # decode: one pass gives both the output and the probabilities the policy needs
+        output, scores = decode_attention(query, key, value, visible, scaling)
+    else:
+        output, _ = sdpa_attention_forward(module, query, key, value, expand_to_query_heads(visible, query), **kwargs)
     with layer.stats.timer():
-        scores = None
-        if layer.policy.needs_scores:
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        if layer.policy.needs_scores and scores is None:
             scores = attention_scores(query, key, visible, scaling)
         layer.evict(scores, query_validity(attention_mask, query.shape[2]))
-    return output
+    return output, None
+
+
+def decode_attention(query, key, value, visible, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query per row computed by hand, with its probabilities summed per KV head.
+
+    Returns the output as the sdpa function does ([B, 1, H_q, D]) and the [B, H_kv, L] scores.
+    """
+    batch, q_heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    rows = query.view(batch, kv_heads, q_heads // kv_heads, dim)
+    logits = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, L]
+    if visible is not None:
+        logits = logits.masked_fill(~visible[:, :, -1:, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    output = torch.matmul(probs.to(value.dtype), value)  # [B, H_kv, G, D]
+    return output.view(batch, 1, q_heads, value.shape[-1]), probs.sum(dim=2)
 
 
 def expand_to_query_heads(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:

@@ -144,15 +144,32 @@ def test_captured_scores_equal_eager_attention_summed_over_groups():
 
 def test_policies_without_scores_compute_none(monkeypatch):
     calls = []
-    real = attention.attention_scores
-    monkeypatch.setattr(attention, "attention_scores", lambda *a: calls.append(1) or real(*a))
+    for name in ("attention_scores", "decode_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     model = tiny_model("llama")
     batch = random_batch([30])
     for policy in ("full", "local", "streaming", "buzz_nomax"):
         greedy(model, batch, build_cache(model, policy, **({} if policy == "full" else {"budget": 12})))
     assert calls == []
     greedy(model, batch, build_cache(model, "buzz", budget=12), new=2)
-    assert len(calls) == 2 * 2  # two forwards x two layers
+    # prefill: blockwise scores after sdpa; decode: one hand-made pass; two layers each
+    assert calls == ["attention_scores"] * 2 + ["decode_attention"] * 2
+
+
+def test_decode_attention_matches_sdpa_and_the_blockwise_scores():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    visible = torch.ones(2, 2, 1, 9, dtype=torch.bool)
+    visible[1, :, :, :3] = False  # a padded row
+    out, scores = attention.decode_attention(query, key, value, visible, 0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
+        attn_mask=visible.repeat_interleave(2, dim=1), scale=0.25,
+    )
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
+    assert torch.allclose(scores, attention.attention_scores(query, key, visible, 0.25), atol=1e-6)
+    assert float(scores[1, :, :3].abs().max()) == 0.0
 
 
 def test_stats_report_the_contract_keys(stories):
