@@ -67,7 +67,7 @@ def decode_attention(query, key, value, visible, scaling: float) -> tuple[torch.
     Returns the output as the sdpa function does ([B, 1, H_q, D]) and the [B, H_kv, L] scores.
     """
     batch, q_heads, _, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     rows = query.view(batch, kv_heads, q_heads // kv_heads, dim)
     logits = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, L]
     if visible is not None:
