@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 
 import torch
@@ -22,6 +21,7 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from buzz_lm_eval.cache import EvictingCache, build_cache
+from buzz_lm_eval.files import write_atomic
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
@@ -256,20 +256,6 @@ def target_lines(selection: dict, share_rows: list[dict], rows: list[dict]) -> l
     return lines
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Write ``payload`` atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -314,7 +300,7 @@ def main(argv=None) -> None:
     if args.json:
         payload = {"machine": machine_header(args.device), "args": {k: str(v) for k, v in vars(args).items()},
                    "selection": selection, "cases": rows, "amortised": share_rows, "wall_s": wall}
-        write_json(args.json, payload)
+        write_atomic(args.json, json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,14 @@ import argparse
 import itertools
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterator
 
+from buzz_lm_eval.files import write_atomic
 from buzz_lm_eval.plots import DIRECTIONS, write_plots
 
 POLICY_ORDER = ("full", "local", "streaming", "h2o", "buzz", "buzz_fast", "buzz_nomax")
@@ -273,20 +272,6 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
     groups = itertools.groupby(rows, itemgetter(*GROUP_FIELDS))
     sections = [markdown_section(*key, list(group)) for key, group in groups]
     return "\n\n".join([intro, *sections]) + "\n"
-
-
-def write_atomic(path: Path, payload: str | bytes) -> None:
-    """Write ``payload`` to a temp file beside ``path``, then rename it into place."""
-    data = payload.encode("utf-8") if isinstance(payload, str) else payload
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from lm_eval.utils import sanitize_model_name
+
+from buzz_lm_eval.files import write_atomic
 
 # LongBench eval.py's dataset2metric, by name in lm_eval.tasks.longbench.metrics.
 METRIC_NAMES = {
@@ -140,25 +140,12 @@ def read_records(path: Path) -> list[dict]:
     return [records[key] for key in sorted(records)]
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def export(src: Source, output: Path, model: str) -> Path:
     """Write ``src`` as ``output/pred[_e]/<model>/<dataset>.jsonl``; return that folder."""
     records = read_records(src.path)
     folder = output / ("pred_e" if src.extended else "pred") / model
     target = folder / f"{src.dataset}.jsonl"
-    atomic_write(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     print(f"{src.path} -> {target} ({len(records)} samples)")
     return folder
 
@@ -206,7 +193,7 @@ def score_folder(folder: Path, metrics: dict[str, Metric], extended: bool) -> di
             results[path.stem] = score_file(path, metrics[path.stem], extended)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warn(f"{path}: cannot score ({exc!r})")
-    atomic_write(folder / "result.json", json.dumps(results, ensure_ascii=False, indent=4) + "\n")
+    write_atomic(folder / "result.json", json.dumps(results, ensure_ascii=False, indent=4) + "\n")
     return results
 
 

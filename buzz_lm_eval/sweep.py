@@ -29,8 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from buzz_lm_eval.files import write_atomic
 from buzz_lm_eval.hflm import OWN_KEYS
-from buzz_lm_eval.leaderboard import write_atomic
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 

@@ -187,16 +187,3 @@ def test_result_covers_every_dataset_in_the_folder(tmp_path: Path, scoring: None
     assert cli_main(["longbench-export", str(second), "--model", "m", "--output", str(tmp_path / "lb")]) == 0
     assert result(tmp_path) == {"hotpotqa": 100.0, "musique": 0.0}
 
-
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path, monkeypatch) -> None:
-    target = tmp_path / "result.json"
-    target.write_text("old", encoding="utf-8")
-
-    def fail(*_: object) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(longbench.os, "replace", fail)
-    with pytest.raises(OSError):
-        longbench.atomic_write(target, "new")
-    assert target.read_text(encoding="utf-8") == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Policy, Picked, Selection, check_sizes, span
+from .base import Picked, Policy, Selection, check_sizes, span
 from .budget import split_budget
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Policy, Picked, Selection, check_sizes, span
+from .base import Picked, Policy, Selection, check_sizes, span
 
 
 class LocalPolicy(Policy):
