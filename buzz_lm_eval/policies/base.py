@@ -10,6 +10,10 @@ Rows of a batch may carry left padding. The cache then passes ``mask`` ([B, L] b
 real tokens; real tokens always form a suffix of the row). Each row is evicted as if it were
 alone; rows that keep fewer tokens than the longest row are filled at the front with index 0,
 and ``state.n_real`` says how many trailing slots of each row are real.
+
+Each policy states its rule twice: ``pick`` for rows of one shared geometry (no mask: index
+arithmetic, no masks or sorts, the hot path) and ``select`` for rows with their own padding
+(boolean masks). The tests run both on the same inputs and require identical results.
 """
 
 from __future__ import annotations
@@ -155,11 +159,8 @@ class Policy:
         raise NotImplementedError
 
     def sizes(self) -> dict[str, int]:
+        """The policy's sizes as plain ints (for logs and result files)."""
         return {p: getattr(self, p) for p in self.params}
-
-    def describe(self) -> dict:
-        """The policy's name and sizes, as plain values (for logs and result files)."""
-        return {"policy": self.name, **{p: getattr(self, p) for p in self.params}}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{p}={getattr(self, p)}" for p in self.params)
