@@ -109,6 +109,13 @@ class BuzzHFLM(HFLM):
         self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
         self.score_chunk = _chunk("score_chunk", score_chunk) or self.prefill_chunk or 64
         self.run_stats = RunStats()
+        limit = getattr(self.policy, "max_chunk", lambda: None)()
+        if limit is not None and max(self.prefill_chunk or 0, self.score_chunk) > limit:
+            log.warning(
+                "buzz_hf: chunks of %s tokens exceed %d, the most one %s eviction absorbs at threshold=%d: "
+                "after such a chunk the cache can hold more than the budget until later steps thin it",
+                max(self.prefill_chunk or 0, self.score_chunk), limit, self.policy.name, self.policy.threshold,
+            )
 
     # -- settings ---------------------------------------------------------------------------
     @property

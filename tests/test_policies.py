@@ -270,3 +270,16 @@ def test_padding_aware_path_equals_the_uniform_path(name):
         if fast.scores is not None:
             assert torch.equal(fast.scores, masked.scores)
         length = length if a is None else a.shape[-1]
+
+
+@pytest.mark.parametrize("budget, chunk", [(128, 290), (256, 600)])
+def test_buzz_max_chunk_is_the_largest_chunk_that_keeps_the_budget(budget, chunk):
+    policy = build_policy("buzz", budget=budget)
+    assert policy.max_chunk() == chunk
+    before = policy.sink + policy.threshold + policy.window  # the worst start: a middle of old samples
+    for size, within in ((chunk, True), (chunk + policy.stride, False)):
+        state = policy.new_state()
+        state.scores, state.n_old_all = torch.zeros(1, 1, before), policy.threshold
+        state.n_old = torch.full((1, 1, 1), policy.threshold)
+        keep = policy.step(state, torch.rand(1, 1, 1, before + size, generator=torch.Generator().manual_seed(0)))
+        assert (keep.shape[-1] <= budget - 1) == within, (size, keep.shape[-1])

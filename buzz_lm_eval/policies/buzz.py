@@ -58,6 +58,14 @@ class BuzzPolicy(Policy):
         m, r, s = self.threshold + 1, self.thin, self.stride
         return max(-(-old // r) + -(-(m - old) // s) for old in range(0, m))
 
+    def max_chunk(self) -> int:
+        """Largest forward after which one eviction brings the middle back to ``<= threshold``.
+
+        The worst case starts from a middle of ``threshold`` earlier samples: they thin to
+        ``ceil(threshold / thin)`` and a chunk of c fresh tokens keeps ``ceil(c / stride)``.
+        """
+        return self.stride * (self.threshold - -(-self.threshold // self.thin))
+
     # -- selection ------------------------------------------------------------------------
     def segment_scores(self, state, current: torch.Tensor | None) -> torch.Tensor | None:
         """Scores that pick each fresh segment's survivor (accumulated S for ``buzz``)."""
