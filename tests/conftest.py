@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
 
@@ -22,6 +22,7 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY),
     "qwen2": lambda: Qwen2Config(**TINY),
     "mistral": lambda: MistralConfig(**TINY, sliding_window=24),
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),
 }
 
 
