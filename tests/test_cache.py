@@ -202,3 +202,16 @@ def test_bad_policy_fails_before_the_model_is_touched():
     with pytest.raises(ValueError, match="unknown cache policy"):
         build_cache(model, "lru")
     assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("policy", ["buzz", "h2o"])
+def test_half_precision_and_beam_search_run_under_eviction(policy):
+    model = tiny_model("llama").to(torch.bfloat16)
+    batch = random_batch([30, 18])
+    cache = build_cache(model, policy, budget=16)
+    out = greedy(model, batch, cache, new=20, prefill_chunk_size=8)
+    assert out.shape == (2, 30 + 20) and cache.stats()["kept_tokens_peak"] <= 16 - 1 + 8
+    assert cache.layers[0].keys.dtype == torch.bfloat16
+    beams = build_cache(model, policy, budget=16)
+    out = greedy(model, batch, beams, new=10, num_beams=3)
+    assert out.shape == (2, 40) and beams.layers[0].keys.shape[0] == 6  # rows reordered per beam
