@@ -94,7 +94,6 @@ class BuzzHFLM(HFLM):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.stats_file, self._streaming = stats_file, False
         super().__init__(pretrained=pretrained, device=device, **kwargs)
-        log.info("buzz_hf: %s", self.describe_run())
 
     def configure_cache(self, cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, **sizes) -> None:
         """Choose the policy for the next requests and restart the run statistics.
@@ -109,13 +108,14 @@ class BuzzHFLM(HFLM):
         self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
         self.score_chunk = _chunk("score_chunk", score_chunk) or self.prefill_chunk or 64
         self.run_stats = RunStats()
-        limit = getattr(self.policy, "max_chunk", lambda: None)()
+        limit = self.policy.max_chunk()
         if limit is not None and max(self.prefill_chunk or 0, self.score_chunk) > limit:
             log.warning(
                 "buzz_hf: chunks of %s tokens exceed %d, the most one %s eviction absorbs at threshold=%d: "
                 "after such a chunk the cache can hold more than the budget until later steps thin it",
                 max(self.prefill_chunk or 0, self.score_chunk), limit, self.policy.name, self.policy.threshold,
             )
+        log.info("buzz_hf: %s", self.describe_run())
 
     # -- settings ---------------------------------------------------------------------------
     @property

@@ -158,6 +158,10 @@ class Policy:
         """Rows without padding (one geometry): the kept indices, or None to keep everything."""
         raise NotImplementedError
 
+    def max_chunk(self) -> int | None:
+        """Largest forward whose eviction always restores the size bound (None: any size)."""
+        return None
+
     def sizes(self) -> dict[str, int]:
         """The policy's sizes as plain ints (for logs and result files)."""
         return {p: getattr(self, p) for p in self.params}
