@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import torch
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from buzz_lm_eval.cache import EvictingCache, build_cache
 from buzz_lm_eval.files import write_atomic
+from buzz_lm_eval.machine import hardware
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
@@ -66,13 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def machine_header(device: str) -> list[str]:
     """Lines describing where the numbers come from."""
+    hw = hardware()
     lines = [
-        f"- machine: {platform.processor() or platform.machine()} ({platform.platform()}), "
-        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+        f"- machine: {hw['cpu']} ({hw['platform']}), {hw['cpu_count']} cores, "
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}",
+        f"- torch {hw['torch']}, transformers {transformers.__version__}, python {hw['python']}",
     ]
     if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
+        lines.append(f"- GPU: {hw['cuda_device']}")
     if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
         lines.append("- **warning: the machine is busy; CPU timings will be noisy (try --threads 1 or an idle machine)**")
     return lines

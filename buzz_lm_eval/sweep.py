@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -31,6 +29,7 @@ from typing import Any
 
 from buzz_lm_eval.files import write_atomic
 from buzz_lm_eval.hflm import OWN_KEYS
+from buzz_lm_eval.machine import hardware
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 
@@ -163,26 +162,6 @@ def run_model_args(sweep: Sweep, run: Run) -> str:
 def results_files(run_dir: Path) -> list[Path]:
     """The lm-eval results files already in a run's directory."""
     return sorted(run_dir.glob("results_*.json"))
-
-
-def cpu_name() -> str:
-    """The CPU model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware() -> dict[str, Any]:
-    """Platform, CPU, torch version and CUDA device, for the ``sweep`` block."""
-    import torch
-
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda_device": cuda}
 
 
 def load_model(kwargs: dict[str, Any]):
