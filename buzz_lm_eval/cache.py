@@ -5,9 +5,16 @@
     cache.stats()
 
 Each ``EvictingLayer`` is a ``DynamicLayer`` that also remembers, for every stored slot, the
-token's original position (``-1`` for padding). Tokens keep their RoPE rotation; the layer
-reports tokens *seen* as its sequence length, so new positions continue correctly, and once it
-has evicted it builds the attention visibility from the stored positions itself.
+position its key is rotated at (``-1`` for padding). The layer reports tokens *seen* as its
+sequence length, so new positions continue correctly, and once it has evicted it builds the
+attention visibility from the stored positions itself. With ``positions="shifted"`` (default)
+kept keys are re-rotated after each eviction as if the kept tokens were contiguous (see
+``positions.py``); with ``"original"`` they keep their original rotation.
+
+With a ``budget``, an eviction repeats its policy's rounds inside the forward until the layer
+holds at most ``budget - 1`` tokens (BUZZ thins its samples again), so the budget is a
+guarantee for any chunk size; explicit sizes without a budget keep the authors' one round per
+forward ("paper mode").
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .attention import offer_layer, prepare_model
 from .policies import Policy, build_policy
 from .policies.base import real_slots
+from .positions import KeyRotation, check_positions, evicted_after, key_rotations
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -60,10 +68,17 @@ class EvictingLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: Policy, sliding_window: int | None = None, sync_timing: bool = False):
+    def __init__(
+        self,
+        policy: Policy,
+        sliding_window: int | None = None,
+        sync_timing: bool = False,
+        rotation: KeyRotation | None = None,
+    ):
         super().__init__()
         self.sync_timing = sync_timing
         self.policy = policy
+        self.rotation = rotation  # None: kept keys keep their original rotation
         self.state = policy.new_state()
         self.sliding_window = sliding_window
         self.seen = 0
@@ -147,32 +162,55 @@ class EvictingLayer(DynamicLayer):
         return torch.cat([allowed, new], dim=-1)
 
     def evict(self, scores: torch.Tensor | None, query_valid: torch.Tensor | None) -> None:
-        """Mark padding among the new tokens, run the policy, keep only what it returns."""
+        """Mark padding among the new tokens, run the policy (repeated under a budget), compact."""
         if query_valid is not None and not bool(query_valid.all()):
             new = self.positions[..., -query_valid.shape[-1] :]
             new.masked_fill_(~query_valid.unsqueeze(1), -1)
             self.padded = True
+        keep = self.run_policy(scores)
+        budget = self.policy.budget
+        while keep is not None:
+            self.compact(keep)
+            if budget is None or self.stored() <= budget - 1:
+                break
+            # another round inside this forward: no new attention, only the state's scores
+            extra = None if scores is None else scores.new_zeros(*scores.shape[:2], self.stored())
+            keep = self.run_policy(extra)
+        self.stats.count_forward(self.stored())
+
+    def run_policy(self, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """One policy step over the stored tokens; the kept indices or None."""
         batch, heads, length, _ = self.keys.shape
-        keep = self.policy.step(
+        return self.policy.step(
             self.state,
             None if scores is None else scores.unsqueeze(2),
             self.positions[:, 0] >= 0 if self.padded else None,
             shape=(batch, heads, length),
         )
-        if keep is not None:
-            shared = shared_indices(keep)
-            if shared is not None:  # one list for every row and head: plain slicing copies
-                self.keys, self.values = self.keys.index_select(2, shared), self.values.index_select(2, shared)
-                positions = self.positions.index_select(-1, shared)
-            else:
-                self.keys, self.values = take_tokens(self.keys, keep), take_tokens(self.values, keep)
-                positions = self.positions.expand(batch, heads, length).gather(-1, keep)
-            self.evicted = True
-            if self.padded:
-                positions = positions.masked_fill(~real_slots(self.state.n_real, keep.shape[-1]), -1)
-                self.padded = bool((positions < 0).any())
-            self.positions = positions
-        self.stats.count_forward(self.stored())
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep only the slots ``keep`` names; re-rotate them under ``positions="shifted"``."""
+        batch, heads, length, _ = self.keys.shape
+        real = self.positions >= 0 if self.padded else None
+        shared = shared_indices(keep)
+        if shared is not None:  # one list for every row and head: plain slicing copies
+            keep = shared
+            self.keys, self.values = self.keys.index_select(2, shared), self.values.index_select(2, shared)
+            positions = self.positions.index_select(-1, shared)
+        else:
+            self.keys, self.values = take_tokens(self.keys, keep), take_tokens(self.values, keep)
+            positions = self.positions.expand(batch, heads, length).gather(-1, keep)
+        self.evicted = True
+        live = None
+        if self.padded:
+            live = real_slots(self.state.n_real, keep.shape[-1])
+            positions = positions.masked_fill(~live, -1)
+            self.padded = bool((positions < 0).any())
+        if self.rotation is not None:
+            delta = evicted_after(keep, length, real, live)
+            self.keys = self.rotation.rotate(self.keys, delta)
+            positions = torch.where(positions >= 0, positions + delta, positions)
+        self.positions = positions
 
 
 def shared_indices(keep: torch.Tensor) -> torch.Tensor | None:
@@ -192,9 +230,19 @@ def take_tokens(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class EvictingCache(Cache):
     """A Cache of ``EvictingLayer``s, one per decoder layer, sharing one policy."""
 
-    def __init__(self, policy: Policy, sliding_windows: list[int | None], sync_timing: bool = False):
-        super().__init__(layers=[EvictingLayer(policy, window, sync_timing) for window in sliding_windows])
+    def __init__(
+        self,
+        policy: Policy,
+        sliding_windows: list[int | None],
+        sync_timing: bool = False,
+        rotations: list[KeyRotation] | None = None,
+    ):
+        rotations = rotations or [None] * len(sliding_windows)
+        super().__init__(
+            layers=[EvictingLayer(policy, w, sync_timing, r) for w, r in zip(sliding_windows, rotations)]
+        )
         self.policy = policy
+        self.positions = None if not policy.evicts else "original" if rotations[0] is None else "shifted"
 
     def stats(self) -> dict:
         """Whole-run statistics as plain ints and floats (see README for definitions)."""
@@ -236,17 +284,25 @@ def layer_windows(config) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
-def build_cache(model, policy: str | Policy = "buzz", *, sync_timing: bool = False, **policy_args) -> EvictingCache:
+def build_cache(
+    model, policy: str | Policy = "buzz", *, positions: str | None = None, sync_timing: bool = False, **policy_args
+) -> EvictingCache:
     """A fresh evicting cache for one batch of requests to ``model`` (prepared once for score capture).
 
-    ``sync_timing`` makes ``evict_seconds`` exact on CUDA by synchronising around each eviction
-    (benchmarks); otherwise it is host time, which on a GPU undercounts queued kernels.
+    ``positions``: ``"shifted"`` (default; the authors' rule) or ``"original"`` RoPE positions for
+    kept tokens; ``full`` never evicts, so it ignores them. ``sync_timing`` makes
+    ``evict_seconds`` exact on CUDA by synchronising around each eviction (benchmarks);
+    otherwise it is host time, which on a GPU undercounts queued kernels.
     """
     windows = layer_windows(model.config.get_text_config(decoder=True))
+    positions = check_positions(positions)
     if not isinstance(policy, Policy):
         policy = build_policy(policy, **policy_args)
     elif policy_args:
         raise ValueError("pass either a Policy object or a policy name with its parameters, not both")
+    rotations = None
+    if policy.evicts and positions == "shifted":
+        rotations = key_rotations(model, len(windows))
     if policy.evicts:
         prepare_model(model)  # `full` keeps the model's own attention: bit-exact by construction
-    return EvictingCache(policy, windows, sync_timing)
+    return EvictingCache(policy, windows, sync_timing, rotations)

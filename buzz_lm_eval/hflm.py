@@ -28,13 +28,14 @@ from lm_eval.models.huggingface import HFLM
 from .cache import build_cache, layer_windows
 from .paths import DEFAULT_MODEL_DIR
 from .policies import build_policy
+from .positions import check_positions, check_rope_config
 from .run_stats import RunStats, full_cache_stats
 
 # a child of lm-eval's logger, so the harness's own logging set-up shows our lines
 log = logging.getLogger("lm_eval.buzz_hf")
 
 SIZE_KEYS = ("sink", "window", "threshold", "stride", "heavy", "recent")
-OWN_KEYS = ("cache", "budget", *SIZE_KEYS, "prefill_chunk", "score_chunk", "stats_file")
+OWN_KEYS = ("cache", "budget", *SIZE_KEYS, "positions", "prefill_chunk", "score_chunk", "stats_file")
 # from_pretrained keywords HFLM forwards and that we let through as well
 PASSTHROUGH_KEYS = (
     "attn_implementation", "device_map", "low_cpu_mem_usage", "quantization_config", "load_in_8bit",
@@ -77,6 +78,7 @@ class BuzzHFLM(HFLM):
         stride: int | None = None,
         heavy: int | None = None,
         recent: int | None = None,
+        positions: str | None = None,
         prefill_chunk: int | None = None,
         score_chunk: int | None = None,
         stats_file: str | None = None,
@@ -85,17 +87,22 @@ class BuzzHFLM(HFLM):
     ):
         check_model_args(kwargs)
         sizes = dict(sink=sink, window=window, threshold=threshold, stride=stride, heavy=heavy, recent=recent)
-        self.configure_cache(cache, budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk, **sizes)
+        self.configure_cache(
+            cache, budget, positions=positions, prefill_chunk=prefill_chunk, score_chunk=score_chunk, **sizes
+        )
         pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
-        if isinstance(pretrained, str):
-            check_architecture(pretrained, kwargs)
-        else:
-            layer_windows(pretrained.config.get_text_config(decoder=True))
+        config = load_config(pretrained, kwargs) if isinstance(pretrained, str) else pretrained.config
+        text_config = config.get_text_config(decoder=True)
+        layer_windows(text_config)
+        if self.positions == "shifted":
+            check_rope_config(text_config)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.stats_file, self._streaming = stats_file, False
         super().__init__(pretrained=pretrained, device=device, **kwargs)
 
-    def configure_cache(self, cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, **sizes) -> None:
+    def configure_cache(
+        self, cache="buzz", budget=None, positions=None, prefill_chunk=None, score_chunk=None, **sizes
+    ) -> None:
         """Choose the policy for the next requests and restart the run statistics.
 
         Used by ``__init__`` and by sweeps that keep one loaded model for many policies.
@@ -105,10 +112,11 @@ class BuzzHFLM(HFLM):
             raise ValueError(f"buzz_hf: unknown cache setting(s) {', '.join(unknown)}; valid: {', '.join(OWN_KEYS)}")
         self.policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
         self.budget = budget
+        self.positions = check_positions(positions) if self.policy.evicts else None
         self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
         self.score_chunk = _chunk("score_chunk", score_chunk) or self.prefill_chunk or 64
         self.run_stats = RunStats()
-        limit = self.policy.max_chunk()
+        limit = self.policy.max_chunk() if budget is None else None  # a budget holds for any chunk
         if limit is not None and max(self.prefill_chunk or 0, self.score_chunk) > limit:
             log.warning(
                 "buzz_hf: chunks of %s tokens exceed %d, the most one %s eviction absorbs at threshold=%d: "
@@ -128,13 +136,14 @@ class BuzzHFLM(HFLM):
         if not self.evicting:
             return "cache=full: HFLM's own generate/forward paths, no eviction"
         prefill = self.prefill_chunk or "whole prompt"
-        return f"cache={self.policy.name} {sizes}{budget}; prefill_chunk={prefill}; score_chunk={self.score_chunk}"
+        return (f"cache={self.policy.name} {sizes}{budget}; positions={self.positions}; "
+                f"prefill_chunk={prefill}; score_chunk={self.score_chunk}")
 
     def cache_settings(self) -> dict:
         settings = {key: None for key in ("budget", *SIZE_KEYS)}
         settings.update(self.policy.sizes())
-        settings.update(policy=self.policy.name, budget=self.budget, prefill_chunk=self.prefill_chunk,
-                        score_chunk=self.score_chunk if self.evicting else None)
+        settings.update(policy=self.policy.name, budget=self.budget, positions=self.positions,
+                        prefill_chunk=self.prefill_chunk, score_chunk=self.score_chunk if self.evicting else None)
         return settings
 
     def get_model_info(self) -> dict:
@@ -176,7 +185,7 @@ class BuzzHFLM(HFLM):
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         cache = None
         if self.evicting:
-            cache = generation_kwargs["past_key_values"] = build_cache(self.model, self.policy)
+            cache = generation_kwargs["past_key_values"] = build_cache(self.model, self.policy, positions=self.positions)
             if self.prefill_chunk is not None:
                 generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
         start = time.perf_counter()
@@ -192,7 +201,7 @@ class BuzzHFLM(HFLM):
             logits = super()._model_call(inps, attn_mask, labels)
             self.record("loglikelihood", None, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
             return logits
-        cache = build_cache(self.model, self.policy)
+        cache = build_cache(self.model, self.policy, positions=self.positions)
         start = time.perf_counter()
         with torch.no_grad(), torch.autocast(
             device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
@@ -218,8 +227,8 @@ class BuzzHFLM(HFLM):
                 handle.write(json.dumps(entry) + "\n")
 
 
-def check_architecture(pretrained: str, kwargs: dict) -> None:
-    """Load only the config and fail early if the cache cannot serve this architecture."""
+def load_config(pretrained: str, kwargs: dict):
+    """Only the model's config, read the way HFLM will read it (to check it before any weight loads)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(
@@ -228,4 +237,4 @@ def check_architecture(pretrained: str, kwargs: dict) -> None:
         trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
         subfolder=kwargs.get("subfolder") or "",
     )
-    layer_windows(config.get_text_config(decoder=True))
+    return config

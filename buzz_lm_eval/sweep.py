@@ -32,6 +32,7 @@ from buzz_lm_eval.hflm import OWN_KEYS
 from buzz_lm_eval.machine import hardware
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
+from buzz_lm_eval.positions import POSITION_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--limit", type=float, help="documents per task (below 1: a fraction)")
     parser.add_argument("--prefill_chunk", type=positive_int, help="buzz_hf prefill_chunk")
     parser.add_argument("--score_chunk", type=positive_int, help="buzz_hf score_chunk")
+    parser.add_argument("--positions", choices=POSITION_MODES, default="shifted",
+                        help="RoPE positions of kept tokens (buzz_hf positions; default shifted, the authors' rule)")
     parser.add_argument("--apply_chat_template", action="store_true", help="as in lm_eval")
     parser.add_argument("--gen_kwargs", help="as in lm_eval, e.g. max_gen_toks=64")
     return parser.parse_args(argv)
@@ -112,7 +115,7 @@ def split_model_args(model_args: str) -> tuple[str, dict[str, Any]]:
     reserved = sorted(set(kwargs) & set(OWN_KEYS))
     if reserved:
         raise ValueError(f"--model_args must not set {', '.join(reserved)}: the sweep sets the cache "
-                         "(use --policies/--budgets/--prefill_chunk/--score_chunk)")
+                         "(use --policies/--budgets/--positions/--prefill_chunk/--score_chunk)")
     if "pretrained" not in kwargs:
         kwargs["pretrained"] = str(DEFAULT_MODEL_DIR)
         model_args = ",".join(filter(None, [f"pretrained={DEFAULT_MODEL_DIR}", model_args.strip(",")]))
@@ -153,8 +156,8 @@ def resolve_tasks(requested: list[str], task_manager) -> tuple[list[str], list[s
 def run_model_args(sweep: Sweep, run: Run) -> str:
     """The ``--model_args`` of the equivalent ``lm_eval --model buzz_hf`` command."""
     args = sweep.args
-    settings = {"cache": run.policy, "budget": run.budget,
-                "prefill_chunk": args.prefill_chunk, "score_chunk": args.score_chunk}
+    settings = {"cache": run.policy, "budget": run.budget, "prefill_chunk": args.prefill_chunk,
+                "score_chunk": args.score_chunk, "positions": None if run.policy == "full" else args.positions}
     extra = [f"{key}={value}" for key, value in settings.items() if value is not None]
     return ",".join([sweep.base_args, *extra])
 
@@ -177,7 +180,8 @@ def evaluate(lm, sweep: Sweep, run: Run) -> dict[str, Any]:
     from lm_eval.loggers import EvaluationTracker
 
     args = sweep.args
-    lm.configure_cache(run.policy, run.budget, prefill_chunk=args.prefill_chunk, score_chunk=args.score_chunk)
+    lm.configure_cache(run.policy, run.budget, positions=args.positions, prefill_chunk=args.prefill_chunk,
+                       score_chunk=args.score_chunk)
     tracker = EvaluationTracker()
     results = simple_evaluate(
         model=lm, model_args=run_model_args(sweep, run), tasks=sweep.tasks, task_manager=sweep.task_manager,

@@ -98,7 +98,7 @@ def test_chunked_prefill_bounds_memory_by_budget_plus_chunk(stories, policy):
 def test_buzz_keeps_sinks_and_window_at_their_original_positions(stories):
     model, tokenizer = stories
     inputs = tokenizer([STORY * 2], return_tensors="pt")
-    cache = build_cache(model, "buzz", sink=4, window=8, threshold=20, stride=5)
+    cache = build_cache(model, "buzz", sink=4, window=8, threshold=20, stride=5, positions="original")
     out = greedy(model, inputs, cache, new=30)
     seen = out.shape[1] - 1
     for layer in cache.layers:
@@ -115,7 +115,7 @@ def test_plain_forwards_evict_and_continue_positions():
     model.model.layers = model.model.layers[:1]  # one layer: cached keys depend on token and position only
     model.config.num_hidden_layers = 1
     ids = random_batch([41])["input_ids"]
-    cache = build_cache(model, "streaming", sink=2, window=6)
+    cache = build_cache(model, "streaming", sink=2, window=6, positions="original")
     for part in ids[:, :-1].split(5, dim=1):
         model(input_ids=part, past_key_values=cache)
     assert cache.get_seq_length() == 40 and cache.layers[0].keys.shape[-2] == 8

@@ -81,6 +81,8 @@ def test_sweep_writes_one_lm_eval_results_file_per_run(swept):
         assert (cache["policy"], cache["budget"]) == (policy, budget)
         assert config["model"] == "buzz_hf" and data["model_source"] == "buzz_hf"
         expected = f"cache={policy}" + ("" if budget is None else f",budget={budget}") + ",score_chunk=64"
+        expected += "" if budget is None else ",positions=shifted"
+        assert cache["positions"] == (None if budget is None else "shifted")
         assert config["model_args"].startswith("pretrained=") and config["model_args"].endswith(expected)
         assert data["results"][TASK]["word_perplexity,none"] > 0 and data["n-samples"][TASK]["effective"] == 1
         assert data["sweep"]["run"] == name

@@ -47,7 +47,9 @@ def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
         raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
     if budget is None:
         return cls(**sizes)
-    return cls.from_budget(budget, **sizes)
+    policy = cls.from_budget(budget, **sizes)
+    policy.budget = budget  # a guarantee: the cache repeats eviction rounds until it holds
+    return policy
 
 
 __all__ = ["POLICIES", "POLICY_NAMES", "Policy", "PolicyState", "build_policy", "policy_class", "policy_keys"]

@@ -80,6 +80,8 @@ class Policy:
     needs_scores: ClassVar[bool] = False
     accumulates: ClassVar[bool] = False  # keeps the accumulated score S in its state
     evicts: ClassVar[bool] = True  # False only for ``full``
+    # set by ``build_policy(name, budget=N)``: the cache then evicts until <= N - 1 tokens remain
+    budget: int | None = None
 
     def new_state(self) -> PolicyState:
         return PolicyState()

@@ -1,0 +1,126 @@
+"""RoPE positions of kept tokens: ``original`` or ``shifted`` (the authors' and StreamingLLM's rule).
+
+``original``: every kept key keeps the rotation of its original position.
+
+``shifted``: after each eviction the kept keys are re-rotated so that the relative distance
+between any later query and the i-th kept token of its row and KV head is what it would be if
+the kept tokens were contiguous. The authors store keys unrotated and rotate the compacted cache
+at indices 0..L-1 on every forward; since RoPE attention depends only on query-key distances,
+the same logits follow from rotating each kept key forward by the number of evicted tokens that
+came after it, once per eviction (rotations compose). Queries keep the positions transformers
+gives them.
+
+The rotation uses the inverse frequencies of the model's own rotary embedding, so every rope type
+whose frequencies do not depend on the sequence length is exact (``STATIC_ROPE_TYPES``); types
+that rescale with the length (dynamic NTK, LongRoPE) are refused under ``shifted``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+POSITION_MODES = ("shifted", "original")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+def check_positions(positions: str | None) -> str:
+    """The validated mode (default ``shifted``); ValueError naming the valid ones."""
+    positions = "shifted" if positions is None else positions
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}; got {positions!r}")
+    return positions
+
+
+class KeyRotation:
+    """Rotates stored keys by per-token position deltas with one layer's RoPE frequencies."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq.detach().float()
+        self.rotary_dim = 2 * inv_freq.numel()
+
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``keys`` [B, H, K, D] rotated forward by ``delta`` [B|1, H|1, K] positions (float32 math)."""
+        inv_freq = self.inv_freq.to(keys.device)
+        angles = delta.unsqueeze(-1).float() * inv_freq  # [.., K, rotary_dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        rot, rest = keys[..., : self.rotary_dim].float(), keys[..., self.rotary_dim :]
+        half = self.rotary_dim // 2
+        rotated = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin
+        if rest.shape[-1] == 0:
+            return rotated.to(keys.dtype)
+        return torch.cat([rotated.to(keys.dtype), rest], dim=-1)
+
+
+def evicted_after(keep: torch.Tensor, length: int, real: torch.Tensor | None, kept_real: torch.Tensor | None) -> torch.Tensor:
+    """For each kept index, how many real tokens after it (in [0, length)) were evicted: [B|1, H|1, K].
+
+    ``real`` [B, 1|H, length] marks real (non-padding) slots before the eviction; ``kept_real``
+    [B, 1|H, K] marks which entries of ``keep`` are real kept tokens (padded layouts fill the front
+    of short rows with index 0). Both None: every slot is real and every entry of ``keep`` counts.
+    """
+    if kept_real is None:
+        kept = torch.zeros(*keep.shape[:-1], length, dtype=torch.int32, device=keep.device)
+        kept = kept.scatter(-1, keep, 1)
+    else:
+        source = kept_real.expand(keep.shape).to(torch.int32)
+        kept = torch.zeros(*keep.shape[:-1], length, dtype=torch.int32, device=keep.device)
+        kept = kept.scatter_reduce(-1, keep, source, reduce="amax")
+    evicted = 1 - kept
+    if real is not None:
+        evicted = evicted * real.to(torch.int32)
+    after = evicted.flip(-1).cumsum(-1).flip(-1)  # evicted at index >= i (a kept i adds nothing)
+    return after.gather(-1, keep)
+
+
+def key_rotations(model, n_layers: int) -> list[KeyRotation]:
+    """One ``KeyRotation`` per decoder layer from the model's rotary embedding; ValueError if none fits."""
+    text = model.config.get_text_config(decoder=True)
+    rotary = _find_rotary(model)
+    if rotary is None:
+        raise ValueError(
+            f"positions=shifted needs a rotary position embedding, and model type {text.model_type!r} "
+            "has none that buzz-lm-eval can find; use positions=original"
+        )
+    layer_types = getattr(text, "layer_types", None) or [None] * n_layers
+    rotations = []
+    for layer_type in layer_types[:n_layers]:
+        rope_type = rotary.rope_type
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(layer_type)
+        require_static(rope_type)
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if inv_freq is None and layer_type is not None:
+            inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
+        if inv_freq is None:
+            raise ValueError(f"positions=shifted: no inverse frequencies found on {type(rotary).__name__}")
+        rotations.append(KeyRotation(inv_freq))
+    return rotations
+
+
+def require_static(rope_type) -> None:
+    """ValueError unless kept keys of this rope type can be re-rotated exactly."""
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(
+            f"positions=shifted cannot re-rotate keys for rope_type {rope_type!r} (its frequencies depend "
+            f"on the sequence length); supported: {', '.join(STATIC_ROPE_TYPES)}. Use positions=original"
+        )
+
+
+def check_rope_config(config) -> None:
+    """Fail before any weight loads if ``positions=shifted`` cannot serve this config's RoPE."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict):
+        return  # no standard RoPE description: ``key_rotations`` decides once the model is loaded
+    per_type = rope.values() if "rope_type" not in rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    for params in per_type:
+        require_static(params.get("rope_type", "default"))
+
+
+def _find_rotary(model):
+    """The decoder's shared rotary embedding module (``rotary_emb``), if any."""
+    for candidate in (getattr(model, "model", None), model.get_decoder() if hasattr(model, "get_decoder") else None):
+        rotary = getattr(candidate, "rotary_emb", None)
+        if rotary is not None and hasattr(rotary, "rope_type"):
+            return rotary
+    return None
