@@ -8,7 +8,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from transformers import GPT2Config
+from transformers import GPT2Config, LlamaConfig
 
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.hflm import BuzzHFLM
@@ -107,11 +107,29 @@ def test_stats_file_gets_one_line_per_batch(tmp_path):
         ({"cache": "buzz", "budget": 6}, "budget=6 is too small"),
         ({"cache": "buzz", "prefill_chunk": 0}, "prefill_chunk must be a positive integer, got 0"),
         ({"cache": "buzz", "windw": 3}, "unknown model_args windw; buzz_hf keys: cache, budget, sink"),
+        ({"cache": "buzz", "positions": "absolute"}, "positions must be one of shifted, original; got 'absolute'"),
     ],
 )
 def test_bad_model_args_fail_before_loading(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BuzzHFLM(pretrained="/nonexistent/model/dir", **kwargs)  # never reaches the weights
+
+
+def test_positions_reach_the_cache_and_the_results():
+    shifted, original = buzz(cache="streaming", budget=24), buzz(cache="streaming", budget=24, positions="original")
+    ll = requests("loglikelihood", (STORY * 2, " She was happy."))
+    scores = {lm.positions: lm.loglikelihood(ll)[0][0] for lm in (shifted, original)}
+    assert scores["shifted"] != pytest.approx(scores["original"], abs=1e-6)
+    assert shifted.get_model_info()["buzz_cache"]["positions"] == "shifted"
+    assert original.get_model_info()["buzz_cache"]["positions"] == "original"
+    assert buzz(cache="full").get_model_info()["buzz_cache"]["positions"] is None
+
+
+def test_length_dependent_rope_fails_from_its_config(tmp_path):
+    LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=16, num_attention_heads=2,
+                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        BuzzHFLM(pretrained=str(tmp_path), cache="buzz", budget=64)
 
 
 def test_unsupported_architecture_fails_from_its_config(tmp_path):
