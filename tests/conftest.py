@@ -26,10 +26,18 @@ CONFIGS = {
 }
 
 
-def tiny_model(arch: str, seed: int = 0):
-    """A randomly initialised decoder of ``arch`` (GQA, 2 layers), float32, eval mode."""
+DEVICE = torch.device("cpu")  # set from ``--device`` in pytest_configure
+
+
+def on_device(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` moved to the device the tests run on."""
+    return tensor.to(DEVICE)
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised decoder of ``arch`` (GQA, 2 layers) on the test device, eval mode."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=dtype).to(DEVICE)
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
     return model.eval()
@@ -40,15 +48,32 @@ def stories():
     """The shipped stories260K model (real weights, TinyStories English) and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
-    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).to(DEVICE).eval()
     return model, tokenizer
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default="cpu", choices=("cpu", "cuda"),
+        help="device for the model tests (cache, policies on models, buzz_hf, CLI); cuda skips all without CUDA",
+    )
+
+
 def pytest_configure(config):
-    """Tiny models run fastest on one thread; never reach the hub from tests."""
+    """The test device; tiny models run fastest on one thread; never reach the hub from tests."""
+    global DEVICE
+    DEVICE = torch.device(config.getoption("--device"))
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``--device cuda`` on a machine without CUDA skips every test, saying so (never a CPU run in disguise)."""
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="--device cuda was asked for, but torch sees no CUDA device here")
+        for item in items:
+            item.add_marker(skip)
 
 
 def lm_eval_cli(tmp_path: Path, model: str, model_args: str, task: str, limit: int = 1) -> dict:
@@ -58,7 +83,7 @@ def lm_eval_cli(tmp_path: Path, model: str, model_args: str, task: str, limit: i
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     args = f"pretrained={DEFAULT_MODEL_DIR},{model_args}".rstrip(",")
     cmd = [str(script), "--model", model, "--model_args", args, "--tasks", task,
-           "--limit", str(limit), "--device", "cpu", "--output_path", str(out)]
+           "--limit", str(limit), "--device", DEVICE.type, "--output_path", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     [path] = out.rglob("results_*.json")

@@ -10,7 +10,7 @@ from buzz_lm_eval import attention
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.policies import POLICY_NAMES
 
-from .conftest import CONFIGS, tiny_model
+from .conftest import CONFIGS, on_device, tiny_model
 
 EVICTING = [name for name in POLICY_NAMES if name != "full"]
 STORY = (
@@ -20,6 +20,7 @@ STORY = (
 
 
 def greedy(model, inputs, cache=None, new=24, **kw):
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
     return model.generate(**inputs, past_key_values=cache, max_new_tokens=new, do_sample=False, **kw)
 
 
@@ -32,7 +33,7 @@ def random_batch(lengths, vocab=128, seed=0):
     for row, n in enumerate(lengths):
         ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
         mask[row, width - n :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": on_device(ids), "attention_mask": on_device(mask)}
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
@@ -122,7 +123,7 @@ def test_plain_forwards_evict_and_continue_positions():
     last = model(input_ids=ids[:, -1:], past_key_values=cache).logits[:, -1]
     # the same token attending to exactly the kept tokens at their original positions
     kept = torch.cat([ids[:, :2], ids[:, -7:]], dim=1)
-    positions = torch.cat([torch.arange(2), torch.arange(34, 41)]).unsqueeze(0)
+    positions = on_device(torch.cat([torch.arange(2), torch.arange(34, 41)]).unsqueeze(0))
     direct = model(input_ids=kept, position_ids=positions).logits[:, -1]
     assert torch.allclose(last, direct, atol=1e-5)
 

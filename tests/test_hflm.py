@@ -14,6 +14,7 @@ from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.hflm import BuzzHFLM
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
 
+from . import conftest
 from .conftest import lm_eval_cli
 
 MODEL = str(DEFAULT_MODEL_DIR)
@@ -26,11 +27,11 @@ def requests(kind, *args):
 
 @pytest.fixture(scope="module")
 def stock():
-    return HFLM(pretrained=MODEL, device="cpu", batch_size=2)
+    return HFLM(pretrained=MODEL, device=conftest.DEVICE.type, batch_size=2)
 
 
 def buzz(**kw):
-    return BuzzHFLM(pretrained=MODEL, device="cpu", batch_size=2, **kw)
+    return BuzzHFLM(pretrained=MODEL, device=conftest.DEVICE.type, batch_size=2, **kw)
 
 
 def test_full_cache_reproduces_hf_exactly(stock):
@@ -51,7 +52,7 @@ def test_loglikelihood_is_streamed_through_the_evicting_cache():
     [(logprob, _)] = lm.loglikelihood(requests("loglikelihood", (context, continuation)))
     # the same stream by hand: token by token through a streaming cache
     context_ids, continuation_ids = lm._encode_pair(context, continuation)
-    ids = torch.tensor([context_ids + continuation_ids])
+    ids = torch.tensor([context_ids + continuation_ids], device=lm.device)
     n_cont = len(continuation_ids)
     cache = build_cache(lm.model, "streaming", sink=4, window=16)
     with torch.no_grad():

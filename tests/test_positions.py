@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.positions import evicted_after
 
-from .conftest import TINY, tiny_model
+from . import conftest
+from .conftest import TINY, on_device, tiny_model
 from .test_cache import greedy, random_batch
 
 ROPES = {
@@ -25,7 +26,7 @@ def one_layer_llama(rope: dict, seed: int = 0):
     """A one-layer random Llama: its cached keys depend only on each token and its position."""
     torch.manual_seed(seed)
     config = LlamaConfig(**{**TINY, "num_hidden_layers": 1}, rope_parameters=rope)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(conftest.DEVICE).eval()
     model.generation_config.eos_token_id = None
     return model
 
@@ -64,7 +65,7 @@ def test_shifted_keys_equal_keys_rotated_at_the_contiguous_positions(rope, polic
     original = reference.layers[0].positions.expand(1, 2, -1)[0]
     for head in range(2):
         kept_ids = ids[:, original[head]]
-        expected = direct_keys(model, kept_ids, torch.arange(evicted, 47).unsqueeze(0))[0, head]
+        expected = direct_keys(model, kept_ids, on_device(torch.arange(evicted, 47)).unsqueeze(0))[0, head]
         assert torch.allclose(layer.keys[0, head], expected, atol=1e-5), f"head {head}"
     assert layer.positions.expand(1, 2, -1)[0].tolist() == [list(range(evicted, 47))] * 2
 
@@ -80,8 +81,8 @@ def test_shifted_logits_follow_the_authors_rule(rope):
     last = stream(model, ids[:, -1:], cache, chunk=1)[:, -1]
     kept = torch.cat([ids[:, :2], ids[:, -7:]], dim=1)  # 2 sinks + window 6 + the new token
     with torch.no_grad():
-        authors = model(input_ids=kept, position_ids=torch.arange(9).unsqueeze(0)).logits[:, -1]
-        original = model(input_ids=kept, position_ids=torch.cat([torch.arange(2), torch.arange(34, 41)])[None]).logits[:, -1]
+        authors = model(input_ids=kept, position_ids=on_device(torch.arange(9)).unsqueeze(0)).logits[:, -1]
+        original = model(input_ids=kept, position_ids=on_device(torch.cat([torch.arange(2), torch.arange(34, 41)]))[None]).logits[:, -1]
     assert torch.allclose(last, authors, atol=1e-5)
     assert float((last - original).abs().max()) > 1e-4  # the two rules really differ
 
