@@ -41,40 +41,58 @@ def claim_layer(key: torch.Tensor):
 
 
 def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """sdpa attention that lets an evicting cache layer see the probabilities and evict."""
+    """sdpa attention that lets an evicting cache layer see the probabilities and evict.
+
+    Policies that need scores get them from the same pass that computes the output
+    (``attention_with_scores``: one QK^T per query block); the others run the stock sdpa.
+    """
     layer = claim_layer(key)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with layer.stats.timer():
         visible = layer.visibility(attention_mask, query.shape[2])
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     scores = None
-    if layer.policy.needs_scores and query.shape[2] == 1 and not module.training:
-        # decode: one pass gives both the output and the probabilities the policy needs
-        output, scores = decode_attention(query, key, value, visible, scaling)
+    if layer.policy.needs_scores and not module.training:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        output, scores = attention_with_scores(query, key, value, visible, scaling)
     else:
         output, _ = sdpa_attention_forward(module, query, key, value, expand_to_query_heads(visible, query), **kwargs)
     with layer.stats.timer():
-        if layer.policy.needs_scores and scores is None:
-            scores = attention_scores(query, key, visible, scaling)
         layer.evict(scores, query_validity(attention_mask, query.shape[2]))
     return output, None
 
 
-def decode_attention(query, key, value, visible, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one query per row computed by hand, with its probabilities summed per KV head.
+def attention_with_scores(query, key, value, visible, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and the probabilities each key received, from one pass over the keys.
 
-    Returns the output as the sdpa function does ([B, 1, H_q, D]) and the [B, H_kv, L] scores.
+    Queries are processed in blocks (no [B, H, q, L] tensor is ever whole); each block's logits
+    give both its output and its probabilities, summed over queries and over the query heads of
+    each KV group (HF ``repeat_kv`` order). Returns the output as the sdpa function does
+    ([B, q, H_q, D]) and the [B, H_kv, L] float32 scores. Rows of padding queries see nothing:
+    their output and probabilities are 0.
     """
-    batch, q_heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    rows = query.view(batch, kv_heads, q_heads // kv_heads, dim)
-    logits = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, L]
-    if visible is not None:
-        logits = logits.masked_fill(~visible[:, :, -1:, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    output = torch.matmul(probs.to(value.dtype), value)  # [B, H_kv, G, D]
-    return output.view(batch, 1, q_heads, value.shape[-1]), probs.sum(dim=2)
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    grouped = query.view(batch, kv_heads, groups, q_len, dim)
+    keys_t = key.transpose(-1, -2)  # [B, H_kv, D, L], shared by the group: never repeated
+    block = max(1, SCORE_BLOCK_ELEMENTS // max(1, batch * q_heads * length))
+    total = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=query.device)
+    output = query.new_empty(batch, kv_heads, groups, q_len, value.shape[-1])
+    for start in range(0, q_len, block):
+        stop = min(q_len, start + block)
+        rows = grouped[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), dim)
+        logits = torch.matmul(rows, keys_t).view(batch, kv_heads, groups, stop - start, length).float() * scaling
+        if visible is not None or q_len > 1:
+            allowed = _visible_block(visible, start, stop, q_len, length, query.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if visible is not None:
+            probs = probs.nan_to_num_(0.0)  # rows of padding queries see nothing
+        total += probs.sum(dim=(2, 3))
+        flat = probs.to(value.dtype).view(batch, kv_heads, groups * (stop - start), length)
+        output[:, :, :, start:stop] = torch.matmul(flat, value).view(batch, kv_heads, groups, stop - start, -1)
+    return output.view(batch, q_heads, q_len, -1).transpose(1, 2), total
 
 
 def expand_to_query_heads(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
@@ -90,33 +108,6 @@ def query_validity(attention_mask: torch.Tensor | None, q: int) -> torch.Tensor 
         return None
     last = attention_mask[:, 0, :, -q:]
     return torch.diagonal(last, dim1=-2, dim2=-1)
-
-
-def attention_scores(query, key, visible, scaling: float) -> torch.Tensor:
-    """Sum over queries of the softmax probabilities, per KV head: [B, H_kv, L] float32.
-
-    Computed in blocks of queries so no [B, H, q, L] tensor is ever whole; the query heads of
-    one KV group are summed into it.
-    """
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    groups = q_heads // kv_heads
-    grouped = query.view(batch, kv_heads, groups, q_len, dim)
-    keys_t = key.transpose(-1, -2)  # [B, H_kv, D, L], shared by the group: never repeated
-    block = max(1, SCORE_BLOCK_ELEMENTS // max(1, batch * q_heads * length))
-    total = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=query.device)
-    for start in range(0, q_len, block):
-        stop = min(q_len, start + block)
-        rows = grouped[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), dim)
-        logits = torch.matmul(rows, keys_t).view(batch, kv_heads, groups, stop - start, length).float() * scaling
-        if visible is not None or q_len > 1:
-            allowed = _visible_block(visible, start, stop, q_len, length, query.device)
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if visible is not None:
-            probs = probs.nan_to_num_(0.0)  # rows of padding queries see nothing
-        total += probs.sum(dim=(2, 3))
-    return total
 
 
 def _visible_block(visible, start, stop, q_len, length, device) -> torch.Tensor:

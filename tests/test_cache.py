@@ -145,31 +145,34 @@ def test_captured_scores_equal_eager_attention_summed_over_groups():
 
 def test_policies_without_scores_compute_none(monkeypatch):
     calls = []
-    for name in ("attention_scores", "decode_attention"):
-        real = getattr(attention, name)
-        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    real = attention.attention_with_scores
+    monkeypatch.setattr(attention, "attention_with_scores", lambda *a: calls.append(a[0].shape[2]) or real(*a))
     model = tiny_model("llama")
     batch = random_batch([30])
     for policy in ("full", "local", "streaming", "buzz_nomax"):
         greedy(model, batch, build_cache(model, policy, **({} if policy == "full" else {"budget": 12})))
     assert calls == []
     greedy(model, batch, build_cache(model, "buzz", budget=12), new=2)
-    # prefill: blockwise scores after sdpa; decode: one hand-made pass; two layers each
-    assert calls == ["attention_scores"] * 2 + ["decode_attention"] * 2
+    # one pass per layer and forward gives output and scores: the prompt, then one decode step
+    assert calls == [30, 30, 1, 1]
 
 
-def test_decode_attention_matches_sdpa_and_the_blockwise_scores():
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_one_pass_attention_matches_sdpa_and_softmax_probabilities(q_len):
     torch.manual_seed(0)
-    query, key, value = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
-    visible = torch.ones(2, 2, 1, 9, dtype=torch.bool)
+    query, key, value = torch.randn(2, 4, q_len, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    causal = torch.ones(q_len, 9, dtype=torch.bool).tril(diagonal=9 - q_len)
+    visible = causal.expand(2, 2, q_len, 9).clone()
     visible[1, :, :, :3] = False  # a padded row
-    out, scores = attention.decode_attention(query, key, value, visible, 0.25)
+    out, scores = attention.attention_with_scores(query, key, value, visible, 0.25)
+    wide = visible.repeat_interleave(2, dim=1)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1),
-        attn_mask=visible.repeat_interleave(2, dim=1), scale=0.25,
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=wide, scale=0.25,
     )
     assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
-    assert torch.allclose(scores, attention.attention_scores(query, key, visible, 0.25), atol=1e-6)
+    logits = (query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~wide, float("-inf"))
+    probs = logits.softmax(-1).sum(dim=2).view(2, 2, 2, 9).sum(dim=2)  # query heads i//2 -> KV head
+    assert torch.allclose(scores, probs, atol=1e-6)
     assert float(scores[1, :, :3].abs().max()) == 0.0
 
 
