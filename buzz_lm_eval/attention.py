@@ -49,14 +49,15 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
         visible = layer.visibility(attention_mask, query.shape[2])
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     scores = None
-    if layer.policy.needs_scores and query.shape[2] == 1 and not module.training:
+    if layer.needs_attention and query.shape[2] == 1 and not module.training:
         # decode: one pass gives both the output and the probabilities the policy needs
         output, scores = decode_attention(query, key, value, visible, scaling)
     else:
         output, _ = sdpa_attention_forward(module, query, key, value, expand_to_query_heads(visible, query), **kwargs)
     with layer.stats.timer():
-        if layer.policy.needs_scores and scores is None:
-            scores = attention_scores(query, key, visible, scaling)
+        if layer.needs_attention and scores is None:
+            counted, rows = last_queries(query, visible, layer.policy.query_window)
+            scores = attention_scores(counted, key, rows, scaling)
         layer.evict(scores, query_validity(attention_mask, query.shape[2]))
     return output, None
 
@@ -75,6 +76,13 @@ def decode_attention(query, key, value, visible, scaling: float) -> tuple[torch.
     probs = torch.softmax(logits, dim=-1)
     output = torch.matmul(probs.to(value.dtype), value)  # [B, H_kv, G, D]
     return output.view(batch, 1, q_heads, value.shape[-1]), probs.sum(dim=2)
+
+
+def last_queries(query, visible, window: int | None):
+    """The last ``window`` queries and their rows of the visibility mask (all of them for None)."""
+    if window is None or window >= query.shape[2]:
+        return query, visible
+    return query[:, :, -window:], None if visible is None else visible[..., -window:, :]
 
 
 def expand_to_query_heads(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .attention import offer_layer, prepare_model
 from .policies import Policy, build_policy
 from .policies.base import real_slots
+from .regime import Schedule, check_regime
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -60,10 +61,15 @@ class EvictingLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: Policy, sliding_window: int | None = None, sync_timing: bool = False):
+    def __init__(
+        self, policy: Policy, sliding_window: int | None = None, sync_timing: bool = False,
+        schedule: Schedule | None = None,
+    ):
         super().__init__()
         self.sync_timing = sync_timing
         self.policy = policy
+        self.schedule = schedule or Schedule()
+        self.phase = "evict"  # this forward: "evict", "observe" (scores only) or "grow" (regime.py)
         self.state = policy.new_state()
         self.sliding_window = sliding_window
         self.seen = 0
@@ -87,6 +93,7 @@ class EvictingLayer(DynamicLayer):
         self.positions = torch.cat([self.positions, fresh.expand(*self.positions.shape[:2], new)], dim=-1)
         self.seen += new
         self.stats.peak_tokens = max(self.stats.peak_tokens, keys.shape[-2])
+        self.phase = self.schedule.phase(self.seen)
         if self.policy.evicts:
             offer_layer(self)  # the attention function evicts after this layer's attention
         else:
@@ -107,6 +114,7 @@ class EvictingLayer(DynamicLayer):
         super().reset()
         self.state, self.seen, self.positions = self.policy.new_state(), 0, None
         self.evicted = self.padded = False
+        self.schedule.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -127,6 +135,13 @@ class EvictingLayer(DynamicLayer):
         raise NotImplementedError("an evicting cache cannot be rolled back (assisted decoding is not supported)")
 
     # -- called by the attention function -----------------------------------------------------
+    @property
+    def needs_attention(self) -> bool:
+        """Whether this forward's attention probabilities are used (the policy's query window of them)."""
+        if self.policy.signal != "attention":
+            return False
+        return self.phase == "evict" or (self.phase == "observe" and self.policy.accumulates)
+
     def visibility(self, library_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
         """[B, 1|H, q, L] bool mask of what the new queries may see (library mask until evicted)."""
         if not self.evicted:
@@ -152,6 +167,11 @@ class EvictingLayer(DynamicLayer):
             new = self.positions[..., -query_valid.shape[-1] :]
             new.masked_fill_(~query_valid.unsqueeze(1), -1)
             self.padded = True
+        if self.phase != "evict":
+            self.defer(scores)
+            return
+        if self.policy.signal == "key_norm":
+            scores = key_norms(self.keys)
         batch, heads, length, _ = self.keys.shape
         keep = self.policy.step(
             self.state,
@@ -174,6 +194,17 @@ class EvictingLayer(DynamicLayer):
             self.positions = positions
         self.stats.count_forward(self.stored())
 
+    def defer(self, scores: torch.Tensor | None) -> None:
+        """A forward that does not evict (after_prefill): accumulate scores before the compression."""
+        if self.phase == "observe":
+            self.policy.observe(self.state, None if scores is None else scores.unsqueeze(2))
+        self.stats.count_forward(self.stored())
+
+
+def key_norms(keys: torch.Tensor) -> torch.Tensor:
+    """[B, H, L] float32 L2 norms of the stored keys (the ``key_norm`` signal)."""
+    return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
+
 
 def shared_indices(keep: torch.Tensor) -> torch.Tensor | None:
     """The [K] index list if ``keep`` [B, H, K] is one list broadcast to every row and head."""
@@ -190,18 +221,26 @@ def take_tokens(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class EvictingCache(Cache):
-    """A Cache of ``EvictingLayer``s, one per decoder layer, sharing one policy."""
+    """A Cache of ``EvictingLayer``s, one per decoder layer, each running ``policy.for_layer(i, n)``."""
 
-    def __init__(self, policy: Policy, sliding_windows: list[int | None], sync_timing: bool = False):
-        super().__init__(layers=[EvictingLayer(policy, window, sync_timing) for window in sliding_windows])
-        self.policy = policy
+    def __init__(
+        self, policy: Policy, sliding_windows: list[int | None], sync_timing: bool = False,
+        evict: str = "every_forward", prompt_length: int | None = None,
+    ):
+        n = len(sliding_windows)
+        super().__init__(layers=[
+            EvictingLayer(policy.for_layer(i, n), window, sync_timing, Schedule(evict, prompt_length))
+            for i, window in enumerate(sliding_windows)
+        ])
+        self.policy, self.evict = policy, evict
 
     def stats(self) -> dict:
         """Whole-run statistics as plain ints and floats (see README for definitions)."""
         layers = [layer for layer in self.layers if layer.stats.forwards]
         if not layers:
             return {"tokens_seen": 0, "kept_tokens_peak": 0, "kept_tokens_mean": 0.0, "kv_bytes_peak": 0,
-                    "kv_bytes_mean": 0.0, "compression_ratio": 1.0, "evict_seconds": 0.0, "forwards": 0}
+                    "kv_bytes_mean": 0.0, "compression_ratio": 1.0, "evict_seconds": 0.0, "forwards": 0,
+                    "kept_tokens_peak_per_layer": [0] * len(self.layers)}
         seen = max(layer.seen for layer in layers)
         peak_bytes = sum(layer.stats.peak_tokens * layer.stats.bytes_per_token for layer in layers)
         mean_tokens = [layer.stats.kept_tokens_sum / layer.stats.forwards for layer in layers]
@@ -215,6 +254,7 @@ class EvictingCache(Cache):
             "compression_ratio": full_bytes / peak_bytes if peak_bytes else 1.0,
             "evict_seconds": sum(layer.stats.evict_seconds for layer in layers),
             "forwards": layers[0].stats.forwards,
+            "kept_tokens_peak_per_layer": [layer.stats.peak_tokens for layer in self.layers],
         }
 
 
@@ -236,9 +276,15 @@ def layer_windows(config) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
-def build_cache(model, policy: str | Policy = "buzz", *, sync_timing: bool = False, **policy_args) -> EvictingCache:
+def build_cache(
+    model, policy: str | Policy = "buzz", *, evict: str | None = None, prompt_length: int | None = None,
+    sync_timing: bool = False, **policy_args,
+) -> EvictingCache:
     """A fresh evicting cache for one batch of requests to ``model`` (prepared once for score capture).
 
+    ``evict``: ``every_forward`` or ``after_prefill`` (default: the policy's published regime);
+    under ``after_prefill`` each layer evicts once, after the forward reaching ``prompt_length``
+    tokens (default: after the first forward), then grows (see ``regime.py``).
     ``sync_timing`` makes ``evict_seconds`` exact on CUDA by synchronising around each eviction
     (benchmarks); otherwise it is host time, which on a GPU undercounts queued kernels.
     """
@@ -247,6 +293,7 @@ def build_cache(model, policy: str | Policy = "buzz", *, sync_timing: bool = Fal
         policy = build_policy(policy, **policy_args)
     elif policy_args:
         raise ValueError("pass either a Policy object or a policy name with its parameters, not both")
+    evict = check_regime(evict, prompt_length, policy)
     if policy.evicts:
         prepare_model(model)  # `full` keeps the model's own attention: bit-exact by construction
-    return EvictingCache(policy, windows, sync_timing)
+    return EvictingCache(policy, windows, sync_timing, evict, prompt_length)
