@@ -178,6 +178,7 @@ class EvictingLayer(DynamicLayer):
             None if scores is None else scores.unsqueeze(2),
             self.positions[:, 0] >= 0 if self.padded else None,
             shape=(batch, heads, length),
+            device=self.keys.device,
         )
         if keep is not None:
             shared = shared_indices(keep)

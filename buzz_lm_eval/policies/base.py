@@ -121,12 +121,13 @@ class Policy:
         mask: torch.Tensor | None = None,
         *,
         shape: tuple[int, int, int] | None = None,
+        device: torch.device | None = None,
     ) -> torch.Tensor | None:
         """Update ``state`` with one forward's attention and return the kept indices or None.
 
-        ``attn`` is [B, H_kv, q, L] (only its sum over q is used, so callers may pass a
-        pre-summed [B, H_kv, 1, L]). Policies without scores accept ``attn=None`` together with
-        ``shape=(B, H_kv, L)``.
+        ``attn`` is [B, H_kv, q, L] (only its sum over the last ``query_window`` queries, all by
+        default, is used, so callers may pass that sum as [B, H_kv, 1, L]). Policies without scores accept ``attn=None`` together with
+        ``shape=(B, H_kv, L)`` (and the cache's ``device``, where the kept indices are made).
         """
         if attn is None and self.needs_scores:
             raise ValueError(f"policy {self.name!r} needs attention scores; got attn=None")
@@ -138,7 +139,7 @@ class Policy:
             device = attn.device
         elif shape is not None:
             (batch, heads, length), current = shape, None
-            device = mask.device if mask is not None else torch.device("cpu")
+            device = device or (mask.device if mask is not None else torch.device("cpu"))
         else:
             raise ValueError(f"policy {self.name!r}: pass attn or shape=(B, H_kv, L)")
         state.forwards += 1
