@@ -126,8 +126,9 @@ class Policy:
         """Update ``state`` with one forward's attention and return the kept indices or None.
 
         ``attn`` is [B, H_kv, q, L] (only its sum over the last ``query_window`` queries, all by
-        default, is used, so callers may pass that sum as [B, H_kv, 1, L]). Policies without scores accept ``attn=None`` together with
-        ``shape=(B, H_kv, L)`` (and the cache's ``device``, where the kept indices are made).
+        default, is used, so callers may pass that sum as [B, H_kv, 1, L]). Policies without scores
+        accept ``attn=None`` together with ``shape=(B, H_kv, L)`` (and the cache's ``device``, where
+        the kept indices are made).
         """
         if attn is None and self.needs_scores:
             raise ValueError(f"policy {self.name!r} needs attention scores; got attn=None")
