@@ -52,9 +52,9 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
     with layer.stats.timer():
         visible = layer.visibility(attention_mask, query.shape[2])
     scores = None
-    if layer.policy.needs_scores and not module.training:
+    if layer.needs_attention and not module.training:
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        output, scores = attention_with_scores(query, key, value, visible, scaling)
+        output, scores = attention_with_scores(query, key, value, visible, scaling, layer.policy.query_window)
     else:
         output, _ = sdpa_attention_forward(module, query, key, value, expand_to_query_heads(visible, query), **kwargs)
     with layer.stats.timer():
@@ -62,14 +62,17 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
     return output, None
 
 
-def attention_with_scores(query, key, value, visible, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_scores(
+    query, key, value, visible, scaling: float, window: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and the probabilities each key received, from one pass over the keys.
 
     Queries are processed in blocks (no [B, H, q, L] tensor is ever whole); each block's logits
     give both its output and its probabilities, summed over queries and over the query heads of
     each KV group (HF ``repeat_kv`` order). Returns the output as the sdpa function does
-    ([B, q, H_q, D]) and the [B, H_kv, L] float32 scores. Rows of padding queries see nothing:
-    their output and probabilities are 0.
+    ([B, q, H_q, D]) and the [B, H_kv, L] float32 scores. With ``window`` only the last
+    ``window`` queries count in the scores (a policy's ``query_window``). Rows of padding queries
+    see nothing: their output and probabilities are 0.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
@@ -89,7 +92,9 @@ def attention_with_scores(query, key, value, visible, scaling: float) -> tuple[t
         probs = torch.softmax(logits, dim=-1)
         if visible is not None:
             probs = probs.nan_to_num_(0.0)  # rows of padding queries see nothing
-        total += probs.sum(dim=(2, 3))
+        counted = max(0, q_len - window - start) if window is not None else 0
+        if counted < stop - start:
+            total += probs[:, :, :, counted:].sum(dim=(2, 3))
         flat = probs.to(value.dtype).view(batch, kv_heads, groups * (stop - start), length)
         output[:, :, :, start:stop] = torch.matmul(flat, value).view(batch, kv_heads, groups, stop - start, -1)
     return output.view(batch, q_heads, q_len, -1).transpose(1, 2), total

@@ -30,6 +30,7 @@ from .attention import offer_layer, prepare_model
 from .policies import Policy, build_policy
 from .policies.base import real_slots
 from .positions import KeyRotation, check_positions, evicted_after, key_rotations
+from .regime import Schedule, check_regime
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -74,17 +75,21 @@ class EvictingLayer(DynamicLayer):
         sliding_window: int | None = None,
         sync_timing: bool = False,
         rotation: KeyRotation | None = None,
+        schedule: Schedule | None = None,
     ):
         super().__init__()
         self.sync_timing = sync_timing
         self.policy = policy
         self.rotation = rotation  # None: kept keys keep their original rotation
+        self.schedule = schedule or Schedule()
+        self.phase = "evict"  # this forward: "evict", "observe" (scores only) or "grow" (regime.py)
         self.state = policy.new_state()
         self.sliding_window = sliding_window
         self.seen = 0
         self.evicted = False  # stored slots no longer equal the seen sequence
         self.padded = False  # some stored slot is padding (position -1)
         self.positions: torch.Tensor | None = None  # [B, 1|H, L] original positions, -1 = padding
+        self.key_norms: torch.Tensor | None = None  # [B, H, L] for the key_norm signal (knorm)
         self.stats = LayerStats()
 
     # -- the Cache layer contract ---------------------------------------------------------
@@ -100,8 +105,12 @@ class EvictingLayer(DynamicLayer):
         new = key_states.shape[-2]
         fresh = torch.arange(self.seen, self.seen + new, device=self.device)
         self.positions = torch.cat([self.positions, fresh.expand(*self.positions.shape[:2], new)], dim=-1)
+        if self.policy.signal == "key_norm":  # a key's norm is its own: measured once, before any re-rotation
+            norms = key_norms(key_states)
+            self.key_norms = norms if self.key_norms is None else torch.cat([self.key_norms, norms], dim=-1)
         self.seen += new
         self.stats.peak_tokens = max(self.stats.peak_tokens, keys.shape[-2])
+        self.phase = self.schedule.phase(self.seen)
         if self.policy.evicts:
             offer_layer(self)  # the attention function evicts after this layer's attention
         else:
@@ -120,8 +129,9 @@ class EvictingLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.state, self.seen, self.positions = self.policy.new_state(), 0, None
+        self.state, self.seen, self.positions, self.key_norms = self.policy.new_state(), 0, None, None
         self.evicted = self.padded = False
+        self.schedule.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -131,6 +141,7 @@ class EvictingLayer(DynamicLayer):
             indices = indices.to(self.device)
             self.keys, self.values = self.keys[indices], self.values[indices]
             self.positions = self.positions[indices]
+            self.key_norms = None if self.key_norms is None else self.key_norms[indices]
             self.state.select_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -142,6 +153,13 @@ class EvictingLayer(DynamicLayer):
         raise NotImplementedError("an evicting cache cannot be rolled back (assisted decoding is not supported)")
 
     # -- called by the attention function -----------------------------------------------------
+    @property
+    def needs_attention(self) -> bool:
+        """Whether this forward's attention probabilities are used (the policy's query window of them)."""
+        if self.policy.signal != "attention":
+            return False
+        return self.phase == "evict" or (self.phase == "observe" and self.policy.accumulates)
+
     def visibility(self, library_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
         """[B, 1|H, q, L] bool mask of what the new queries may see (library mask until evicted)."""
         if not self.evicted:
@@ -167,6 +185,11 @@ class EvictingLayer(DynamicLayer):
             new = self.positions[..., -query_valid.shape[-1] :]
             new.masked_fill_(~query_valid.unsqueeze(1), -1)
             self.padded = True
+        if self.phase != "evict":
+            self.defer(scores)
+            return
+        if self.policy.signal == "key_norm":
+            scores = self.key_norms
         keep = self.run_policy(scores)
         budget = self.policy.budget
         while keep is not None:
@@ -186,6 +209,7 @@ class EvictingLayer(DynamicLayer):
             None if scores is None else scores.unsqueeze(2),
             self.positions[:, 0] >= 0 if self.padded else None,
             shape=(batch, heads, length),
+            device=self.keys.device,
         )
 
     def compact(self, keep: torch.Tensor) -> None:
@@ -200,6 +224,8 @@ class EvictingLayer(DynamicLayer):
         else:
             self.keys, self.values = take_tokens(self.keys, keep), take_tokens(self.values, keep)
             positions = self.positions.expand(batch, heads, length).gather(-1, keep)
+        if self.key_norms is not None:
+            self.key_norms = self.key_norms.gather(-1, keep.expand(batch, heads, -1))
         self.evicted = True
         live = None
         if self.padded:
@@ -211,6 +237,17 @@ class EvictingLayer(DynamicLayer):
             self.keys = self.rotation.rotate(self.keys, delta)
             positions = torch.where(positions >= 0, positions + delta, positions)
         self.positions = positions
+
+    def defer(self, scores: torch.Tensor | None) -> None:
+        """A forward that does not evict (after_prefill): accumulate scores before the compression."""
+        if self.phase == "observe":
+            self.policy.observe(self.state, None if scores is None else scores.unsqueeze(2))
+        self.stats.count_forward(self.stored())
+
+
+def key_norms(keys: torch.Tensor) -> torch.Tensor:
+    """[B, H, L] float32 L2 norms of the stored keys (the ``key_norm`` signal)."""
+    return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
 
 
 def shared_indices(keep: torch.Tensor) -> torch.Tensor | None:
@@ -228,7 +265,7 @@ def take_tokens(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class EvictingCache(Cache):
-    """A Cache of ``EvictingLayer``s, one per decoder layer, sharing one policy."""
+    """A Cache of ``EvictingLayer``s, one per decoder layer, each running ``policy.for_layer(i, n)``."""
 
     def __init__(
         self,
@@ -236,12 +273,16 @@ class EvictingCache(Cache):
         sliding_windows: list[int | None],
         sync_timing: bool = False,
         rotations: list[KeyRotation] | None = None,
+        evict: str = "every_forward",
+        prompt_length: int | None = None,
     ):
-        rotations = rotations or [None] * len(sliding_windows)
-        super().__init__(
-            layers=[EvictingLayer(policy, w, sync_timing, r) for w, r in zip(sliding_windows, rotations)]
-        )
-        self.policy = policy
+        n = len(sliding_windows)
+        rotations = rotations or [None] * n
+        super().__init__(layers=[
+            EvictingLayer(policy.for_layer(i, n), window, sync_timing, rotation, Schedule(evict, prompt_length))
+            for i, (window, rotation) in enumerate(zip(sliding_windows, rotations))
+        ])
+        self.policy, self.evict = policy, evict
         self.positions = None if not policy.evicts else "original" if rotations[0] is None else "shifted"
 
     def stats(self) -> dict:
@@ -249,7 +290,8 @@ class EvictingCache(Cache):
         layers = [layer for layer in self.layers if layer.stats.forwards]
         if not layers:
             return {"tokens_seen": 0, "kept_tokens_peak": 0, "kept_tokens_mean": 0.0, "kv_bytes_peak": 0,
-                    "kv_bytes_mean": 0.0, "compression_ratio": 1.0, "evict_seconds": 0.0, "forwards": 0}
+                    "kv_bytes_mean": 0.0, "compression_ratio": 1.0, "evict_seconds": 0.0, "forwards": 0,
+                    "kept_tokens_peak_per_layer": [0] * len(self.layers)}
         seen = max(layer.seen for layer in layers)
         peak_bytes = sum(layer.stats.peak_tokens * layer.stats.bytes_per_token for layer in layers)
         mean_tokens = [layer.stats.kept_tokens_sum / layer.stats.forwards for layer in layers]
@@ -263,6 +305,7 @@ class EvictingCache(Cache):
             "compression_ratio": full_bytes / peak_bytes if peak_bytes else 1.0,
             "evict_seconds": sum(layer.stats.evict_seconds for layer in layers),
             "forwards": layers[0].stats.forwards,
+            "kept_tokens_peak_per_layer": [layer.stats.peak_tokens for layer in self.layers],
         }
 
 
@@ -285,14 +328,24 @@ def layer_windows(config) -> list[int | None]:
 
 
 def build_cache(
-    model, policy: str | Policy = "buzz", *, positions: str | None = None, sync_timing: bool = False, **policy_args
+    model,
+    policy: str | Policy = "buzz",
+    *,
+    positions: str | None = None,
+    evict: str | None = None,
+    prompt_length: int | None = None,
+    sync_timing: bool = False,
+    **policy_args,
 ) -> EvictingCache:
     """A fresh evicting cache for one batch of requests to ``model`` (prepared once for score capture).
 
     ``positions``: ``"shifted"`` (default; the authors' rule) or ``"original"`` RoPE positions for
-    kept tokens; ``full`` never evicts, so it ignores them. ``sync_timing`` makes
-    ``evict_seconds`` exact on CUDA by synchronising around each eviction (benchmarks);
-    otherwise it is host time, which on a GPU undercounts queued kernels.
+    kept tokens; ``full`` never evicts, so it ignores them.
+    ``evict``: ``every_forward`` or ``after_prefill`` (default: the policy's published regime);
+    under ``after_prefill`` each layer evicts once, after the forward reaching ``prompt_length``
+    tokens (default: after the first forward), then grows (see ``regime.py``).
+    ``sync_timing`` makes ``evict_seconds`` exact on CUDA by synchronising around each eviction
+    (benchmarks); otherwise it is host time, which on a GPU undercounts queued kernels.
     """
     windows = layer_windows(model.config.get_text_config(decoder=True))
     positions = check_positions(positions)
@@ -300,9 +353,10 @@ def build_cache(
         policy = build_policy(policy, **policy_args)
     elif policy_args:
         raise ValueError("pass either a Policy object or a policy name with its parameters, not both")
+    evict = check_regime(evict, prompt_length, policy)
     rotations = None
     if policy.evicts and positions == "shifted":
         rotations = key_rotations(model, len(windows))
     if policy.evicts:
         prepare_model(model)  # `full` keeps the model's own attention: bit-exact by construction
-    return EvictingCache(policy, windows, sync_timing, rotations)
+    return EvictingCache(policy, windows, sync_timing, rotations, evict, prompt_length)

@@ -8,6 +8,10 @@
 - ``loglikelihood`` / ``loglikelihood_rolling``: the tokens are streamed through the cache
   ``score_chunk`` at a time (1 = token by token), with no truncation; a rolling document is
   scored as one stream, so perplexity measures the policy.
+- ``evict=after_prefill`` (the default of snapkv, pyramidkv, knorm, random): generation
+  compresses once after the (left-padded) prompt; a log-likelihood request compresses after
+  its context and scores its continuation on the compressed cache (requests are run in groups
+  of equal context length).
 - ``cache=full`` keeps HFLM's own code paths untouched (identical to ``--model hf``).
 """
 
@@ -23,19 +27,22 @@ import time
 
 import torch
 from lm_eval.api.registry import register_model
+from tqdm import tqdm
 from lm_eval.models.huggingface import HFLM
 
 from .cache import build_cache, layer_windows
 from .paths import DEFAULT_MODEL_DIR
 from .policies import build_policy
 from .positions import check_positions, check_rope_config
+from .regime import check_regime
 from .run_stats import RunStats, full_cache_stats
 
 # a child of lm-eval's logger, so the harness's own logging set-up shows our lines
 log = logging.getLogger("lm_eval.buzz_hf")
 
-SIZE_KEYS = ("sink", "window", "threshold", "stride", "heavy", "recent")
-OWN_KEYS = ("cache", "budget", *SIZE_KEYS, "positions", "prefill_chunk", "score_chunk", "stats_file")
+SIZE_KEYS = ("sink", "window", "threshold", "stride", "heavy", "recent", "observation", "kernel", "pooling", "beta",
+             "capacity", "seed")
+OWN_KEYS = ("cache", "budget", *SIZE_KEYS, "evict", "positions", "prefill_chunk", "score_chunk", "stats_file")
 # from_pretrained keywords HFLM forwards and that we let through as well
 PASSTHROUGH_KEYS = (
     "attn_implementation", "device_map", "low_cpu_mem_usage", "quantization_config", "load_in_8bit",
@@ -78,6 +85,13 @@ class BuzzHFLM(HFLM):
         stride: int | None = None,
         heavy: int | None = None,
         recent: int | None = None,
+        observation: int | None = None,
+        kernel: int | None = None,
+        pooling: str | None = None,
+        beta: int | None = None,
+        capacity: int | None = None,
+        seed: int | None = None,
+        evict: str | None = None,
         positions: str | None = None,
         prefill_chunk: int | None = None,
         score_chunk: int | None = None,
@@ -86,10 +100,10 @@ class BuzzHFLM(HFLM):
         **kwargs,
     ):
         check_model_args(kwargs)
-        sizes = dict(sink=sink, window=window, threshold=threshold, stride=stride, heavy=heavy, recent=recent)
-        self.configure_cache(
-            cache, budget, positions=positions, prefill_chunk=prefill_chunk, score_chunk=score_chunk, **sizes
-        )
+        sizes = dict(sink=sink, window=window, threshold=threshold, stride=stride, heavy=heavy, recent=recent,
+                     observation=observation, kernel=kernel, pooling=pooling, beta=beta, capacity=capacity, seed=seed)
+        self.configure_cache(cache, budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk, evict=evict,
+                             positions=positions, **sizes)
         pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
         config = load_config(pretrained, kwargs) if isinstance(pretrained, str) else pretrained.config
         text_config = config.get_text_config(decoder=True)
@@ -97,11 +111,12 @@ class BuzzHFLM(HFLM):
         if self.positions == "shifted":
             check_rope_config(text_config)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.stats_file, self._streaming = stats_file, False
+        self.stats_file, self._streaming, self._prompt_length = stats_file, False, None
         super().__init__(pretrained=pretrained, device=device, **kwargs)
 
     def configure_cache(
-        self, cache="buzz", budget=None, positions=None, prefill_chunk=None, score_chunk=None, **sizes
+        self, cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, evict=None, positions=None,
+        **sizes
     ) -> None:
         """Choose the policy for the next requests and restart the run statistics.
 
@@ -111,6 +126,7 @@ class BuzzHFLM(HFLM):
         if unknown:
             raise ValueError(f"buzz_hf: unknown cache setting(s) {', '.join(unknown)}; valid: {', '.join(OWN_KEYS)}")
         self.policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
+        self.evict = check_regime(evict, None, self.policy)
         self.budget = budget
         self.positions = check_positions(positions) if self.policy.evicts else None
         self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
@@ -136,14 +152,15 @@ class BuzzHFLM(HFLM):
         if not self.evicting:
             return "cache=full: HFLM's own generate/forward paths, no eviction"
         prefill = self.prefill_chunk or "whole prompt"
-        return (f"cache={self.policy.name} {sizes}{budget}; positions={self.positions}; "
+        return (f"cache={self.policy.name} {sizes}{budget}; evict={self.evict}; positions={self.positions}; "
                 f"prefill_chunk={prefill}; score_chunk={self.score_chunk}")
 
     def cache_settings(self) -> dict:
         settings = {key: None for key in ("budget", *SIZE_KEYS)}
         settings.update(self.policy.sizes())
-        settings.update(policy=self.policy.name, budget=self.budget, positions=self.positions,
-                        prefill_chunk=self.prefill_chunk, score_chunk=self.score_chunk if self.evicting else None)
+        settings.update(policy=self.policy.name, budget=self.budget, prefill_chunk=self.prefill_chunk,
+                        score_chunk=self.score_chunk if self.evicting else None,
+                        evict=self.evict if self.evicting else None, positions=self.positions)
         return settings
 
     def get_model_info(self) -> dict:
@@ -175,8 +192,44 @@ class BuzzHFLM(HFLM):
             return super().loglikelihood(requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        if self.evicting and self.evict == "after_prefill":
+            log.warning("buzz_hf: loglikelihood_rolling has no prompt to compress: under evict=after_prefill its "
+                        "documents are scored on an uncompressed cache (use evict=every_forward to measure %s)",
+                        self.policy.name)
         with self.streaming(self.evicting):
             return super().loglikelihood_rolling(requests, disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """Under after_prefill: requests in groups of one context length, compressed after the context."""
+        if not (self.evicting and self.evict == "after_prefill"):
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        groups: dict[int, list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            groups.setdefault(self.context_in_input(context, continuation), []).append(i)
+        results = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
+        for prompt_length, members in sorted(groups.items(), reverse=True):
+            with self.prompt(prompt_length):
+                scored = super()._loglikelihood_tokens([requests[i] for i in members], True, override_bs)
+            for i, result in zip(members, scored, strict=True):
+                results[i] = result
+            bar.update(len(members))
+        bar.close()
+        return results
+
+    def context_in_input(self, context: list[int], continuation: list[int]) -> int:
+        """Context tokens in the model input HFLM builds, ``(context + continuation)[-(max_length + 1):][:-1]``."""
+        fed = min(len(context) + len(continuation), self.max_length + 1) - 1
+        return max(1, fed - len(continuation) + 1)
+
+    @contextlib.contextmanager
+    def prompt(self, length: int):
+        """While set, ``_model_call`` compresses after the first ``length`` tokens of every row."""
+        previous, self._prompt_length = self._prompt_length, length
+        try:
+            yield
+        finally:
+            self._prompt_length = previous
 
     def tok_batch_encode(self, strings, *args, **kwargs):
         self._batch_texts = list(strings)
@@ -185,7 +238,10 @@ class BuzzHFLM(HFLM):
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         cache = None
         if self.evicting:
-            cache = generation_kwargs["past_key_values"] = build_cache(self.model, self.policy, positions=self.positions)
+            cache = generation_kwargs["past_key_values"] = build_cache(
+                self.model, self.policy, evict=self.evict, prompt_length=context.shape[1],  # the left-padded width
+                positions=self.positions,
+            )
             if self.prefill_chunk is not None:
                 generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
         start = time.perf_counter()
@@ -201,14 +257,22 @@ class BuzzHFLM(HFLM):
             logits = super()._model_call(inps, attn_mask, labels)
             self.record("loglikelihood", None, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
             return logits
-        cache = build_cache(self.model, self.policy, positions=self.positions)
+        cache = build_cache(self.model, self.policy, evict=self.evict, prompt_length=self._prompt_length,
+                            positions=self.positions)
         start = time.perf_counter()
         with torch.no_grad(), torch.autocast(
             device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
         ):
-            logits = [self.model(input_ids=part, past_key_values=cache).logits for part in inps.split(self.score_chunk, 1)]
+            logits = [self.model(input_ids=part, past_key_values=cache).logits for part in self.score_parts(inps)]
         self.record("loglikelihood", cache, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
         return torch.cat(logits, dim=1)
+
+    def score_parts(self, inps: torch.Tensor) -> list[torch.Tensor]:
+        """``score_chunk``-token forwards; under a prompt length, the first ones end exactly there."""
+        if self._prompt_length is None:
+            return list(inps.split(self.score_chunk, 1))
+        head, tail = inps[:, : self._prompt_length], inps[:, self._prompt_length :]
+        return [*head.split(self.score_chunk, 1), *(tail.split(self.score_chunk, 1) if tail.shape[1] else [])]
 
     # -- statistics -----------------------------------------------------------------------------
     def record(self, kind: str, cache, rows: int, seen: int, tokens: int, seconds: float) -> None:

@@ -30,7 +30,8 @@ from typing import Any, Iterator
 from buzz_lm_eval.files import write_atomic
 from buzz_lm_eval.plots import DIRECTIONS, write_plots
 
-POLICY_ORDER = ("full", "local", "streaming", "h2o", "buzz", "buzz_fast", "buzz_nomax")
+POLICY_ORDER = ("full", "local", "streaming", "h2o", "buzz", "buzz_fast", "buzz_nomax", "snapkv", "pyramidkv", "tova",
+                "knorm", "random")
 STAT_FIELDS = ("compression_ratio", "kv_bytes_peak", "kept_tokens_peak", "tokens_per_second")
 HF_MODELS = frozenset({"hf", "hf-auto", "huggingface"})
 GROUP_FIELDS = ("task", "metric", "filter")

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 MARKERS = {"local": "s", "streaming": "^", "h2o": "v", "buzz": "o", "buzz_fast": "D",
-           "buzz_nomax": "P"}
-SPARE_MARKERS = ("X", "*", "h", "<", ">", "p")
+           "buzz_nomax": "P", "snapkv": "X", "pyramidkv": "*", "tova": "h", "knorm": "<", "random": ">"}
+SPARE_MARKERS = ("p", "d", "8", "H", "1", "2")
 PLOT_KEY = ("model", "task", "metric", "filter")
 DIRECTIONS = {True: "higher is better", False: "lower is better"}
 

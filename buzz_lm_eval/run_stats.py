@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,6 +25,7 @@ class RunStats:
     kv_bytes_weighted: float = 0.0
     full_bytes: float = 0.0
     peak_bytes: float = 0.0
+    kept_tokens_peak_per_layer: list[int] = field(default_factory=list)
 
     def add(self, stats: dict, rows: int, tokens: int, seconds: float) -> dict:
         """Fold in one batch; return that batch's per-sequence record (for the side file)."""
@@ -35,6 +36,9 @@ class RunStats:
         self.seconds += seconds
         self.evict_seconds += stats["evict_seconds"]
         self.kept_tokens_peak = max(self.kept_tokens_peak, stats["kept_tokens_peak"])
+        layers = stats["kept_tokens_peak_per_layer"]
+        previous = self.kept_tokens_peak_per_layer or [0] * len(layers)
+        self.kept_tokens_peak_per_layer = [max(a, b) for a, b in zip(previous, layers, strict=True)]
         self.kv_bytes_peak = max(self.kv_bytes_peak, per_row_peak)
         self.kept_tokens_weighted += stats["kept_tokens_mean"] * rows
         self.kv_bytes_weighted += stats["kv_bytes_mean"]
@@ -44,6 +48,7 @@ class RunStats:
             "rows": rows,
             "tokens_seen": stats["tokens_seen"],
             "kept_tokens_peak": stats["kept_tokens_peak"],
+            "kept_tokens_peak_per_layer": layers,
             "kv_bytes_peak_per_sequence": per_row_peak,
             "compression_ratio": stats["compression_ratio"],
             "evict_seconds": stats["evict_seconds"],
@@ -57,6 +62,7 @@ class RunStats:
             "batches": self.batches,
             "tokens_processed": self.tokens,
             "kept_tokens_peak": self.kept_tokens_peak,
+            "kept_tokens_peak_per_layer": self.kept_tokens_peak_per_layer,
             "kept_tokens_mean": self.kept_tokens_weighted / rows,
             "kv_bytes_peak": int(self.kv_bytes_peak),
             "kv_bytes_mean": self.kv_bytes_weighted / rows,
@@ -76,4 +82,5 @@ def full_cache_stats(config, rows: int, tokens_seen: int, element_size: int) -> 
     return {
         "tokens_seen": tokens_seen, "kept_tokens_peak": tokens_seen, "kept_tokens_mean": float(tokens_seen),
         "kv_bytes_peak": total, "kv_bytes_mean": float(total), "compression_ratio": 1.0, "evict_seconds": 0.0,
+        "kept_tokens_peak_per_layer": [tokens_seen] * text.num_hidden_layers,
     }

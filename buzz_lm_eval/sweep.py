@@ -5,7 +5,8 @@
 
 Every (policy, budget) is one ``lm_eval.simple_evaluate`` call on the same ``buzz_hf`` model
 (``configure_cache`` switches the policy); ``full`` runs once, without a budget. Each run writes
-``OUTPUT/<policy>_b<budget>/results_<date>.json`` (``OUTPUT/full/...`` for full), the file
+``OUTPUT/<policy>_b<budget>/results_<date>.json`` (``OUTPUT/full/...`` for full; with ``--evict MODE``
+``OUTPUT/<policy>_b<budget>_<MODE>/``, otherwise each policy runs in its own default regime), the file
 ``lm_eval --model buzz_hf --output_path`` would write, plus a ``sweep`` block (command, hardware,
 date, wall seconds). A run whose directory already holds a ``results_*.json`` is skipped, so a
 killed sweep resumes where it stopped (use a new OUTPUT for another model or other tasks).
@@ -33,18 +34,21 @@ from buzz_lm_eval.machine import hardware
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 from buzz_lm_eval.positions import POSITION_MODES
+from buzz_lm_eval.policies.base import EVICT_MODES
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One grid point: a policy and its KV budget (None for full)."""
+    """One grid point: a policy, its KV budget (None for full) and the eviction regime (None: its own)."""
 
     policy: str
     budget: int | None
+    evict: str | None = None
 
     @property
     def name(self) -> str:
-        return self.policy if self.budget is None else f"{self.policy}_b{self.budget}"
+        base = self.policy if self.budget is None else f"{self.policy}_b{self.budget}"
+        return base if self.evict is None else f"{base}_{self.evict}"
 
 
 @dataclasses.dataclass
@@ -102,6 +106,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--score_chunk", type=positive_int, help="buzz_hf score_chunk")
     parser.add_argument("--positions", choices=POSITION_MODES, default="shifted",
                         help="RoPE positions of kept tokens (buzz_hf positions; default shifted, the authors' rule)")
+    parser.add_argument("--evict", choices=EVICT_MODES, help="buzz_hf evict for every run (default: each policy's own)")
     parser.add_argument("--apply_chat_template", action="store_true", help="as in lm_eval")
     parser.add_argument("--gen_kwargs", help="as in lm_eval, e.g. max_gen_toks=64")
     return parser.parse_args(argv)
@@ -122,14 +127,14 @@ def split_model_args(model_args: str) -> tuple[str, dict[str, Any]]:
     return model_args, kwargs
 
 
-def plan_grid(policies: list[str], budget_list: list[int]) -> tuple[list[Run], list[str]]:
+def plan_grid(policies: list[str], budget_list: list[int], evict: str | None = None) -> tuple[list[Run], list[str]]:
     """The valid runs, and one message per invalid policy or (policy, budget)."""
     runs, problems = [], []
     for policy in policies:
         if policy not in POLICY_NAMES:
             problems.append(f"skipping unknown policy {policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
             continue
-        grid = [Run(policy, None)] if policy == "full" else [Run(policy, b) for b in budget_list]
+        grid = [Run(policy, None)] if policy == "full" else [Run(policy, b, evict) for b in budget_list]
         if not grid:
             problems.append(f"skipping policy {policy!r}: it needs --budgets")
         for run in grid:
@@ -156,8 +161,9 @@ def resolve_tasks(requested: list[str], task_manager) -> tuple[list[str], list[s
 def run_model_args(sweep: Sweep, run: Run) -> str:
     """The ``--model_args`` of the equivalent ``lm_eval --model buzz_hf`` command."""
     args = sweep.args
-    settings = {"cache": run.policy, "budget": run.budget, "prefill_chunk": args.prefill_chunk,
-                "score_chunk": args.score_chunk, "positions": None if run.policy == "full" else args.positions}
+    settings = {"cache": run.policy, "budget": run.budget, "evict": run.evict,
+                "prefill_chunk": args.prefill_chunk, "score_chunk": args.score_chunk,
+                "positions": None if run.policy == "full" else args.positions}
     extra = [f"{key}={value}" for key, value in settings.items() if value is not None]
     return ",".join([sweep.base_args, *extra])
 
@@ -180,8 +186,8 @@ def evaluate(lm, sweep: Sweep, run: Run) -> dict[str, Any]:
     from lm_eval.loggers import EvaluationTracker
 
     args = sweep.args
-    lm.configure_cache(run.policy, run.budget, positions=args.positions, prefill_chunk=args.prefill_chunk,
-                       score_chunk=args.score_chunk)
+    lm.configure_cache(run.policy, run.budget, prefill_chunk=args.prefill_chunk, score_chunk=args.score_chunk,
+                       evict=run.evict, positions=args.positions)
     tracker = EvaluationTracker()
     results = simple_evaluate(
         model=lm, model_args=run_model_args(sweep, run), tasks=sweep.tasks, task_manager=sweep.task_manager,
@@ -252,7 +258,7 @@ def validate(
     """(valid runs, valid tasks, TaskManager, problems), reporting every problem."""
     from lm_eval.tasks import TaskManager
 
-    runs, problems = plan_grid(args.policies, args.budgets)
+    runs, problems = plan_grid(args.policies, args.budgets, args.evict)
     task_manager = TaskManager(metadata=metadata)
     tasks, task_problems = resolve_tasks(args.tasks, task_manager)
     for problem in problems + task_problems:

@@ -179,7 +179,8 @@ def run_decode(policy, prompt, steps, heads=2, seed=0):
 @pytest.mark.parametrize("budget", [16, 64, 257])
 def test_budget_bounds_every_decode_step(name, budget):
     policy = build_policy(name, budget=budget)
-    assert sum(policy.sizes().get(k, 0) for k in ("sink", "window", "threshold", "heavy", "recent")) == budget - 1
+    parts = ("sink", "window", "threshold", "heavy", "recent", "observation", "capacity")
+    assert sum(policy.sizes().get(k, 0) for k in parts) == budget - 1
     peak, _ = run_decode(policy, prompt=1, steps=4 * budget)
     assert peak == budget  # uses the whole budget, never more
 

@@ -14,12 +14,18 @@ from .buzz_fast import BuzzFastPolicy
 from .buzz_nomax import BuzzNoMaxPolicy
 from .full import FullPolicy
 from .h2o import H2OPolicy
+from .knorm import KnormPolicy
 from .local import LocalPolicy
+from .pyramidkv import PyramidKVPolicy
+from .random_policy import RandomPolicy
+from .snapkv import SnapKVPolicy
 from .streaming import StreamingPolicy
+from .tova import TOVAPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (FullPolicy, LocalPolicy, StreamingPolicy, H2OPolicy, BuzzPolicy, BuzzFastPolicy, BuzzNoMaxPolicy)
+    for cls in (FullPolicy, LocalPolicy, StreamingPolicy, H2OPolicy, BuzzPolicy, BuzzFastPolicy, BuzzNoMaxPolicy,
+                SnapKVPolicy, PyramidKVPolicy, TOVAPolicy, KnormPolicy, RandomPolicy)
 }
 POLICY_NAMES = tuple(POLICIES)
 

@@ -32,6 +32,7 @@ class PolicyState:
     n_old: torch.Tensor | None = None  # [B, 1, 1] middle tokens that are earlier samples
     n_real: torch.Tensor | None = None  # [B] real (non-padding) trailing slots after the step
     n_old_all: int | None = None  # n_old when every row has the same one (the fast path)
+    forwards: int = 0  # steps taken so far (policies whose choice varies per step, e.g. random)
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (or reorder) batch rows, for beam search and batch pruning."""
@@ -72,8 +73,19 @@ class StepInput:
     device: torch.device
 
 
+EVICT_MODES = ("every_forward", "after_prefill")
+SIGNALS = ("attention", "key_norm", "none")
+
+
 class Policy:
-    """Base class: subclasses set ``name``, ``params``, ``needs_scores`` and ``select``."""
+    """Base class: subclasses set ``name``, ``params``, ``needs_scores`` and ``select``.
+
+    Optional hooks (the defaults are the behaviour of the original policies):
+    ``query_window`` (only the last that many queries of a forward count; None = all),
+    ``signal`` (what ``attn`` holds: attention probabilities, the L2 norms of the stored keys
+    [B, H_kv, 1, L], or nothing), ``default_evict`` (the published regime: after every forward,
+    or once after the prompt) and ``for_layer`` (a per-layer variant, e.g. its own budget).
+    """
 
     name: ClassVar[str]
     params: ClassVar[tuple[str, ...]] = ()
@@ -82,9 +94,26 @@ class Policy:
     evicts: ClassVar[bool] = True  # False only for ``full``
     # set by ``build_policy(name, budget=N)``: the cache then evicts until <= N - 1 tokens remain
     budget: int | None = None
+    signal: ClassVar[str] = "attention"  # one of SIGNALS; "none" exactly when needs_scores is False
+    default_evict: ClassVar[str] = "every_forward"  # one of EVICT_MODES
+    query_window: int | None = None
 
     def new_state(self) -> PolicyState:
         return PolicyState()
+
+    def for_layer(self, layer_idx: int, n_layers: int) -> "Policy":
+        """The policy that layer ``layer_idx`` of ``n_layers`` runs (default: this one)."""
+        return self
+
+    def observe(self, state: PolicyState, attn: torch.Tensor | None) -> None:
+        """A forward before a deferred (after-prefill) eviction: accumulate scores, evict nothing."""
+        if self.accumulates and attn is not None:
+            current = self._window(attn).sum(dim=2, dtype=torch.float32)
+            state.scores = _accumulate(state.scores, current, attn.shape[-1])
+
+    def _window(self, attn: torch.Tensor) -> torch.Tensor:
+        """The queries of ``attn`` [B, H, q, L] this policy counts (the last ``query_window``)."""
+        return attn if self.query_window is None else attn[:, :, -self.query_window :]
 
     # -- the contract -------------------------------------------------------------------
     def step(
@@ -94,12 +123,14 @@ class Policy:
         mask: torch.Tensor | None = None,
         *,
         shape: tuple[int, int, int] | None = None,
+        device: torch.device | None = None,
     ) -> torch.Tensor | None:
         """Update ``state`` with one forward's attention and return the kept indices or None.
 
-        ``attn`` is [B, H_kv, q, L] (only its sum over q is used, so callers may pass a
-        pre-summed [B, H_kv, 1, L]). Policies without scores accept ``attn=None`` together with
-        ``shape=(B, H_kv, L)``.
+        ``attn`` is [B, H_kv, q, L] (only its sum over the last ``query_window`` queries, all by
+        default, is used, so callers may pass that sum as [B, H_kv, 1, L]). Policies without scores
+        accept ``attn=None`` together with ``shape=(B, H_kv, L)`` (and the cache's ``device``, where
+        the kept indices are made).
         """
         if attn is None and self.needs_scores:
             raise ValueError(f"policy {self.name!r} needs attention scores; got attn=None")
@@ -107,13 +138,14 @@ class Policy:
             if attn.dim() != 4:
                 raise ValueError(f"attn must be [B, H_kv, q, L], got shape {tuple(attn.shape)}")
             batch, heads, _, length = attn.shape
-            current = attn.sum(dim=2, dtype=torch.float32)
+            current = self._window(attn).sum(dim=2, dtype=torch.float32)
             device = attn.device
         elif shape is not None:
             (batch, heads, length), current = shape, None
-            device = mask.device if mask is not None else torch.device("cpu")
+            device = device or (mask.device if mask is not None else torch.device("cpu"))
         else:
             raise ValueError(f"policy {self.name!r}: pass attn or shape=(B, H_kv, L)")
+        state.forwards += 1
         if self.accumulates:
             state.scores = _accumulate(state.scores, current, length)
         if mask is None and (state.n_old is None or state.n_old_all is not None):
@@ -164,8 +196,8 @@ class Policy:
         """Largest forward whose eviction always restores the size bound (None: any size)."""
         return None
 
-    def sizes(self) -> dict[str, int]:
-        """The policy's sizes as plain ints (for logs and result files)."""
+    def sizes(self) -> dict[str, int | str]:
+        """The policy's sizes (plain ints; ``pooling`` is a name) for logs and result files."""
         return {p: getattr(self, p) for p in self.params}
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ class BuzzNoMaxPolicy(BuzzPolicy):
 
     name = "buzz_nomax"
     needs_scores = False
+    signal = "none"
     accumulates = False
 
     def pick_fresh(self, fresh, offset, scores, inp):

@@ -10,6 +10,7 @@ class FullPolicy(Policy):
 
     name = "full"
     evicts = False
+    signal = "none"
 
     def select(self, state, inp, current):
         return None

@@ -13,6 +13,7 @@ class LocalPolicy(Policy):
 
     name = "local"
     params = ("window",)
+    signal = "none"
 
     def __init__(self, window: int = 160):
         check_sizes(self.name, {"window": window}, {})

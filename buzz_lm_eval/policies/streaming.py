@@ -15,6 +15,7 @@ class StreamingPolicy(Policy):
 
     name = "streaming"
     params = ("sink", "window")
+    signal = "none"
 
     def __init__(self, sink: int = 4, window: int = 160):
         check_sizes(self.name, {"sink": sink, "window": window}, {"sink": 0})

@@ -1,0 +1,68 @@
+"""``random``: a seeded random choice of ``capacity`` tokens, the control every comparison needs."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import check_sizes
+from .ranked import RankedPolicy
+
+_U64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 torch stores it."""
+    value &= _U64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+MIX_1, MIX_2, GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+
+
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = (x ^ _shift(x, 30)) * MIX_1
+    x = (x ^ _shift(x, 27)) * MIX_2
+    return x ^ _shift(x, 31)
+
+
+def uniform_scores(rel: torch.Tensor, *keys: int) -> torch.Tensor:
+    """Pseudo-random float64 in [0, 1) per slot, a pure function of ``keys`` and the slot index ``rel``."""
+    key = 0
+    for part in keys:
+        key = int(mix64(torch.tensor(_signed(key * GOLDEN + part + 1)))) & _U64
+    mixed = mix64(rel.to(torch.long) * GOLDEN + _signed(key))
+    return _shift(mixed, 11).to(torch.float64) / float(1 << 53)
+
+
+class RandomPolicy(RankedPolicy):
+    """Once a layer holds more than ``capacity`` tokens, keep a uniformly random ``capacity`` of them.
+
+    The choice is one set per batch row, shared by the layer's heads, drawn from a hash of
+    (``seed``, layer, step number, the slot's index within its row): the same for a prompt alone
+    or in a padded batch, on CPU and CUDA, and free of any global random state. Compare with
+    kvpress's ``RandomPress`` (which draws per head). Default regime: once after the prompt,
+    like the prefill-compression methods it controls for; under ``evict=every_forward`` each
+    step draws afresh. Budget N: ``capacity = N - 1``.
+    """
+
+    name = "random"
+    params = ("capacity", "seed")
+    signal = "none"
+    default_evict = "after_prefill"
+
+    def __init__(self, capacity: int = 160, seed: int = 0, layer: int = 0):
+        super().__init__(capacity)
+        check_sizes(self.name, {"seed": seed}, {"seed": 0})
+        self.seed, self.layer = seed, layer
+
+    def for_layer(self, layer_idx: int, n_layers: int) -> "RandomPolicy":
+        return RandomPolicy(self.capacity, self.seed, layer_idx)
+
+    def ranking(self, state, current, rel):
+        return uniform_scores(rel, self.seed, self.layer, state.forwards)

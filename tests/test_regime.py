@@ -1,0 +1,146 @@
+"""The cache under both eviction regimes, on tiny models: padding, bounds, signals, per-layer budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from buzz_lm_eval import attention
+from buzz_lm_eval.cache import build_cache
+from buzz_lm_eval.policies import build_policy
+from buzz_lm_eval.policies.snapkv import SnapKVPolicy
+
+from .conftest import tiny_model
+from .test_cache import greedy, random_batch
+
+NEW = ("snapkv", "pyramidkv", "tova", "knorm", "random")
+OTHER_REGIME = {name: "every_forward" if build_policy(name).default_evict == "after_prefill" else "after_prefill"
+                for name in (*NEW, "h2o", "buzz", "streaming")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("policy", sorted(OTHER_REGIME))
+def test_padded_batch_matches_alone_in_the_other_regime(arch, policy):
+    """The default regimes are covered by test_cache; here each policy's other one."""
+    model = tiny_model(arch)
+    lengths, evict = [37, 21, 30], OTHER_REGIME[policy]
+    batch = random_batch(lengths, seed=3)
+    prompt = max(lengths)
+    together = greedy(model, batch, build_cache(model, policy, budget=16, evict=evict, prompt_length=prompt), new=30)
+    for row, n in enumerate(lengths):
+        alone = {k: v[row : row + 1, -n:] for k, v in batch.items()}
+        single = greedy(model, alone, build_cache(model, policy, budget=16, evict=evict, prompt_length=n), new=30)
+        assert torch.equal(single[0, n:], together[row, -30:]), f"row {row}"
+
+
+@pytest.mark.parametrize("policy", [*NEW, "h2o", "buzz", "streaming"])
+def test_after_prefill_compresses_once_then_grows_by_one_per_token(policy):
+    model = tiny_model("llama", seed=1)
+    ids = random_batch([50])["input_ids"]
+    budget, chunk = 16, 12
+    cache = build_cache(model, policy, budget=budget, evict="after_prefill", prompt_length=40)
+    for part in ids[:, :40].split(chunk, dim=1):  # the prompt in chunks: no eviction before its end
+        model(input_ids=part, past_key_values=cache)
+        if cache.get_seq_length() < 40:
+            assert [layer.stored() for layer in cache.layers] == [cache.get_seq_length()] * 2
+    after = [layer.stored() for layer in cache.layers]
+    bounds = cache.policy.layer_budgets(2) if policy == "pyramidkv" else [budget] * 2  # each layer's own
+    assert all(size <= bound - 1 for size, bound in zip(after, bounds)), after
+    for step, token in enumerate(ids[0, 40:], start=1):
+        model(input_ids=token.view(1, 1), past_key_values=cache)
+        assert [layer.stored() for layer in cache.layers] == [size + step for size in after]
+    stats = cache.stats()
+    assert stats["kept_tokens_peak_per_layer"] == [40, 40] and stats["tokens_seen"] == 50  # the prompt
+
+
+def test_after_prefill_accumulates_scores_over_prefill_chunks():
+    """h2o compressing after a chunked prompt keeps what it keeps after the same prompt in one forward."""
+    model = tiny_model("llama", seed=2)
+    ids = random_batch([48])["input_ids"]
+    whole = build_cache(model, "h2o", budget=20, evict="after_prefill")
+    model(input_ids=ids, past_key_values=whole)
+    chunked = build_cache(model, "h2o", budget=20, evict="after_prefill", prompt_length=48)
+    for part in ids.split(10, dim=1):
+        model(input_ids=part, past_key_values=chunked)
+    for a, b in zip(whole.layers, chunked.layers):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.allclose(a.state.scores, b.state.scores, atol=1e-5)
+
+
+def test_every_forward_pyramid_holds_each_layer_to_its_own_budget():
+    model = tiny_model("llama")
+    policy = build_policy("pyramidkv", budget=24, observation=4, beta=4)
+    budgets = policy.layer_budgets(2)
+    assert budgets == [39, 9]  # mean heavy 19: 38 - 19/4 and 19/4, floored, the spare token to layer 0
+    cache = build_cache(model, policy, evict="every_forward")
+    greedy(model, random_batch([8]), cache, new=40)
+    assert cache.stats()["kept_tokens_peak_per_layer"] == budgets
+    assert [layer.stored() for layer in cache.layers] == [b - 1 for b in budgets]
+
+
+def test_knorm_keeps_the_lowest_key_norms_of_the_prompt():
+    model = tiny_model("llama", seed=3)
+    ids = random_batch([30])["input_ids"]
+    reference = build_cache(model, "full")
+    model(input_ids=ids, past_key_values=reference)
+    cache = build_cache(model, "knorm", capacity=10, positions="original")
+    model(input_ids=ids, past_key_values=cache)
+    for full, layer in zip(reference.layers, cache.layers):
+        norms = full.keys.float().norm(dim=-1)[0]  # [H_kv, 30]
+        expected = norms.argsort(dim=-1, stable=True)[:, :10].sort(dim=-1).values
+        assert torch.equal(layer.positions.expand(1, 2, 10)[0], expected)
+
+
+class RecordingSnapKV(SnapKVPolicy):
+    """SnapKV that records the scores the cache hands it."""
+
+    seen: list = []
+
+    def step(self, state, attn=None, mask=None, **kw):
+        self.seen.append(attn)
+        return super().step(state, attn, mask, **kw)
+
+
+def test_query_window_scores_are_the_last_queries_attention():
+    model = tiny_model("llama", seed=2)
+    ids = random_batch([19])["input_ids"]
+    policy = RecordingSnapKV(heavy=100, observation=4)
+    policy.seen = []
+    model(input_ids=ids, past_key_values=build_cache(model, policy))
+    model.set_attn_implementation("eager")
+    try:
+        attentions = model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    for captured, probs in zip(policy.seen, attentions):
+        expected = probs[:, :, -4:].sum(dim=2).view(1, 2, 2, 19).sum(dim=2)  # last 4 queries, heads i//2 -> KV
+        assert torch.allclose(captured[:, :, 0], expected, atol=1e-5)
+
+
+def test_probabilities_are_computed_only_when_a_policy_uses_them(monkeypatch):
+    calls = []
+    real = attention.attention_with_scores
+    monkeypatch.setattr(attention, "attention_with_scores", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    model = tiny_model("llama")
+    batch = random_batch([30])
+    for policy in ("knorm", "random"):
+        for evict in ("every_forward", "after_prefill"):
+            greedy(model, batch, build_cache(model, policy, budget=12, evict=evict), new=3)
+    assert calls == []
+    greedy(model, batch, build_cache(model, "tova", budget=12, evict="after_prefill"), new=3)
+    assert calls == [30, 30]  # the prefill only (two layers): decode steps after it need none
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"evict": "sometimes"}, "evict must be one of every_forward, after_prefill, got 'sometimes'"),
+        ({"evict": "after_prefill", "prompt_length": 0}, "prompt_length must be a positive integer, got 0"),
+    ],
+)
+def test_bad_regime_is_named_before_the_model_is_touched(kwargs, message):
+    model = tiny_model("llama")
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match=message):
+        build_cache(model, "snapkv", budget=64, **kwargs)
+    assert model.config._attn_implementation == before
