@@ -20,6 +20,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .softcap import softcap_attention
+
 ATTN_IMPLEMENTATION = "buzz"
 SCORE_BLOCK_ELEMENTS = 1 << 24  # elements of one [B, H, q_block, L] probability block
 
@@ -43,13 +45,18 @@ def claim_layer(key: torch.Tensor):
 def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """sdpa attention that lets an evicting cache layer see the probabilities and evict."""
     layer = claim_layer(key)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")  # Gemma 2 caps its logits; sdpa cannot
     if layer is None:
+        if softcap is not None:
+            return softcap_attention(query, key, value, attention_mask, scaling, softcap, False)[0], None
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with layer.stats.timer():
         visible = layer.visibility(attention_mask, query.shape[2])
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     scores = None
-    if layer.policy.needs_scores and query.shape[2] == 1 and not module.training:
+    if softcap is not None:
+        output, scores = softcap_attention(query, key, value, visible, scaling, softcap, layer.policy.needs_scores)
+    elif layer.policy.needs_scores and query.shape[2] == 1 and not module.training:
         # decode: one pass gives both the output and the probabilities the policy needs
         output, scores = decode_attention(query, key, value, visible, scaling)
     else:
