@@ -181,6 +181,7 @@ class NiahTask(ConfigurableTask):
     """The YAML task plus one mean, higher-is-better metric per grid cell (the grid is only known at run time)."""
 
     def __init__(self, data_dir=None, cache_dir=None, download_mode=None, config: dict | None = None) -> None:
+        config = {key: value for key, value in (config or {}).items() if key != "class"}  # lm-eval passes it on
         super().__init__(data_dir, cache_dir, download_mode, config=config)
         lengths, depths, _, _ = grid(self.config.metadata or {})
         for length in lengths:
