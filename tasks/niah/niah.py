@@ -15,6 +15,7 @@ so lm-eval's results hold one mean per (length, depth) cell and the leaderboard 
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import re
 from typing import Any
@@ -26,6 +27,8 @@ from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
 from buzz_lm_eval.datasets import wikitext2_test
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
@@ -164,8 +167,12 @@ class Haystack:
 def dataset(**metadata: Any) -> datasets.DatasetDict:
     """lm-eval ``custom_dataset``: every (length, depth, sample) document of the grid, as split ``test``."""
     lengths, depths, samples, seed = grid(metadata)
-    name = metadata.get("tokenizer") or metadata.get("pretrained") or str(DEFAULT_MODEL_DIR)
-    haystack = Haystack(load_haystack(metadata), tokenizer_for(str(name), bool(metadata.get("trust_remote_code"))))
+    name = metadata.get("tokenizer") or metadata.get("pretrained")
+    if not isinstance(name, str) or not name:
+        name = str(DEFAULT_MODEL_DIR)  # buzz_hf's default model
+        logger.warning("buzz_niah: no tokenizer or pretrained in the task metadata; lengths are measured "
+                       "with the shipped stories260K tokenizer (pass --metadata '{\"tokenizer\": ...}')")
+    haystack = Haystack(load_haystack(metadata), tokenizer_for(name, bool(metadata.get("trust_remote_code"))))
     docs = [haystack.document(length, depth, sample, seed)
             for length in lengths for depth in depths for sample in range(samples)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
