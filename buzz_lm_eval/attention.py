@@ -20,6 +20,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+
 ATTN_IMPLEMENTATION = "buzz"
 SCORE_BLOCK_ELEMENTS = 1 << 24  # elements of one [B, H, q_block, L] probability block
 
@@ -47,14 +48,19 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
     (``attention_with_scores``: one QK^T per query block); the others run the stock sdpa.
     """
     layer = claim_layer(key)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")  # Gemma 2 caps its logits; sdpa cannot
     if layer is None:
+        if softcap is not None:
+            return attention_with_scores(query, key, value, attention_mask, scaling, softcap=softcap)[0], None
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with layer.stats.timer():
         visible = layer.visibility(attention_mask, query.shape[2])
     scores = None
-    if layer.needs_attention and not module.training:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        output, scores = attention_with_scores(query, key, value, visible, scaling, layer.policy.query_window)
+    if softcap is not None or (layer.needs_attention and not module.training):
+        window = layer.policy.query_window
+        output, scores = attention_with_scores(query, key, value, visible, scaling, window, softcap)
+        scores = scores if layer.needs_attention else None
     else:
         output, _ = sdpa_attention_forward(module, query, key, value, expand_to_query_heads(visible, query), **kwargs)
     with layer.stats.timer():
@@ -63,7 +69,7 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
 
 
 def attention_with_scores(
-    query, key, value, visible, scaling: float, window: int | None = None
+    query, key, value, visible, scaling: float, window: int | None = None, softcap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and the probabilities each key received, from one pass over the keys.
 
@@ -71,8 +77,9 @@ def attention_with_scores(
     give both its output and its probabilities, summed over queries and over the query heads of
     each KV group (HF ``repeat_kv`` order). Returns the output as the sdpa function does
     ([B, q, H_q, D]) and the [B, H_kv, L] float32 scores. With ``window`` only the last
-    ``window`` queries count in the scores (a policy's ``query_window``). Rows of padding queries
-    see nothing: their output and probabilities are 0.
+    ``window`` queries count in the scores (a policy's ``query_window``). ``softcap`` caps the
+    logits as Gemma 2's eager attention does (``cap * tanh(logits / cap)`` before the mask), which
+    torch's sdpa cannot. Rows of padding queries see nothing: their output and probabilities are 0.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
@@ -86,6 +93,8 @@ def attention_with_scores(
         stop = min(q_len, start + block)
         rows = grouped[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), dim)
         logits = torch.matmul(rows, keys_t).view(batch, kv_heads, groups, stop - start, length).float() * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         if visible is not None or q_len > 1:
             allowed = _visible_block(visible, start, stop, q_len, length, query.device)
             logits = logits.masked_fill(~allowed, float("-inf"))

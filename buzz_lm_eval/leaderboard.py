@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from buzz_lm_eval.files import write_atomic
+from buzz_lm_eval.heatmaps import is_cell, write_heatmaps
 from buzz_lm_eval.plots import DIRECTIONS, write_plots
 
 POLICY_ORDER = ("full", "local", "streaming", "h2o", "buzz", "buzz_fast", "buzz_nomax", "snapkv", "pyramidkv", "tova",
@@ -303,8 +304,9 @@ def main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = json.dumps({"note": RELATIVE_QUALITY_NOTE, "rows": rows}, indent=2, ensure_ascii=False)
     write_atomic(out_dir / "leaderboard.json", table + "\n")
-    write_atomic(out_dir / "leaderboard.md", render_markdown(rows))
-    n_plots = write_plots(rows, out_dir, write_atomic)
+    shown = [row for row in rows if not is_cell(row)]  # per-cell needle metrics: heatmaps instead
+    write_atomic(out_dir / "leaderboard.md", render_markdown(shown))
+    n_plots = write_plots(shown, out_dir, write_atomic) + write_heatmaps(rows, out_dir, write_atomic)
     print(f"leaderboard: {len(rows)} rows from {len(runs)} results files -> "
           f"{out_dir}/leaderboard.json, leaderboard.md, {n_plots} plots")
     return 0

@@ -109,6 +109,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--evict", choices=EVICT_MODES, help="buzz_hf evict for every run (default: each policy's own)")
     parser.add_argument("--apply_chat_template", action="store_true", help="as in lm_eval")
     parser.add_argument("--gen_kwargs", help="as in lm_eval, e.g. max_gen_toks=64")
+    parser.add_argument("--metadata", type=json.loads, default={},
+                        help='task metadata JSON as in lm_eval, e.g. \'{"max_seq_lengths":[1024,2048]}\'')
     return parser.parse_args(argv)
 
 
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         report(str(exc))
         return 2
-    runs, tasks, task_manager, problems = validate(args, dict(kwargs))
+    runs, tasks, task_manager, problems = validate(args, dict(kwargs) | args.metadata)
     if not runs or not tasks:
         report("nothing valid to run: " + ("no valid (policy, budget)" if not runs else "no known task"))
         return 1
