@@ -141,6 +141,18 @@ class BuzzHFLM(HFLM):
                         score_chunk=self.score_chunk if self.evicting else None)
         return settings
 
+    @classmethod
+    def settings_for(cls, **cache_kwargs) -> dict:
+        """The ``cache_settings()`` that ``configure_cache(**cache_kwargs)`` gives, without a model
+        (sweeps compare them with stored results before loading anything)."""
+        probe, quiet = cls.__new__(cls), log.disabled
+        log.disabled = True
+        try:
+            probe.configure_cache(**cache_kwargs)
+        finally:
+            log.disabled = quiet
+        return probe.cache_settings()
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["model_name_or_path"] = getattr(self.model.config, "name_or_path", None) or None
