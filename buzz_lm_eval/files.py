@@ -9,6 +9,7 @@ the same folder once no process holds them and they are a minute old.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ except ImportError:  # pragma: no cover - Windows: the age rule alone (open file
     fcntl = None
 
 STALE_SECONDS = 60.0
-TMP_GLOB = ".*.*.tmp"
+TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what mkstemp makes of prefix ".<name>." and ".tmp"
 
 
 def _lock(fd: int, blocking: bool) -> bool:
@@ -36,7 +37,9 @@ def _lock(fd: int, blocking: bool) -> bool:
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete temporary files of interrupted writes in ``folder``; returns the ones removed."""
     removed = []
-    for tmp in folder.glob(TMP_GLOB):
+    for tmp in folder.glob(".*.tmp"):
+        if not TMP_NAME.match(tmp.name):
+            continue
         try:
             fd = os.open(tmp, os.O_RDONLY)
         except OSError:

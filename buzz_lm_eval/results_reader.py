@@ -190,7 +190,8 @@ def task_settings(data: dict[str, Any], task: str) -> dict[str, Any]:
         "chat_template": chat or None,
         "system_instruction": data.get("system_instruction_sha"),
         "fewshot_as_multiturn": data.get("fewshot_as_multiturn") if chat else None,
-        "generation_kwargs": generation[leaves[0]] if len(leaves) == 1 else generation,
+        "generation_kwargs": generation[leaves[0]] if len({canonical(g) for g in generation.values()}) == 1
+        else generation,
         "max_length": data.get("max_length"),
         "predict_only": is_predict_only(data, task),
     }

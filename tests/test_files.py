@@ -55,16 +55,18 @@ def test_write_atomic_fsyncs_the_data_before_the_rename_and_the_folder_after(tmp
 def test_stale_temporaries_of_interrupted_writes_are_removed(tmp_path: Path) -> None:
     """A killed writer's temp file goes on the next write; a fresh one or one a live writer holds stays."""
     fcntl = pytest.importorskip("fcntl")
-    stale, fresh, held = (tmp_path / f".results_{n}.json.{n}x7.tmp" for n in ("old", "new", "held"))
-    for path in (stale, fresh, held):
+    stale, fresh, held = (tmp_path / f".results_{n}.json.{n:_<5}x7z.tmp" for n in ("old", "new", "held"))
+    other = tmp_path / ".mine.tmp"  # not a name write_atomic makes
+    for path in (stale, fresh, held, other):
         path.write_text("partial", encoding="utf-8")
     hour_ago = time.time() - 3600
     os.utime(stale, (hour_ago, hour_ago))
     os.utime(held, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
     with open(held, "rb") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # a writer still busy with it
         files.write_atomic(tmp_path / "leaderboard.json", "{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, held.name, "leaderboard.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, held.name, other.name, "leaderboard.json"])
 
 
 def test_an_unwritable_folder_names_the_output_not_a_temporary(tmp_path: Path, monkeypatch) -> None:
