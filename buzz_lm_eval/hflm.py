@@ -22,6 +22,8 @@ import hashlib
 import inspect
 import json
 import logging
+import os
+import socket
 import sys
 import time
 
@@ -104,6 +106,7 @@ class BuzzHFLM(HFLM):
                      observation=observation, kernel=kernel, pooling=pooling, beta=beta, capacity=capacity, seed=seed)
         self.configure_cache(cache, budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk, evict=evict,
                              positions=positions, **sizes)
+        check_stats_file(stats_file)
         pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
         config = load_config(pretrained, kwargs) if isinstance(pretrained, str) else pretrained.config
         text_config = config.get_text_config(decoder=True)
@@ -111,7 +114,7 @@ class BuzzHFLM(HFLM):
         if self.positions == "shifted":
             check_rope_config(text_config)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.stats_file, self._streaming, self._prompt_length = stats_file, False, None
+        self.stats_file, self._streaming, self._prompt_length, self._stats_key = stats_file, False, None, None
         super().__init__(pretrained=pretrained, device=device, **kwargs)
 
     def configure_cache(
@@ -132,6 +135,7 @@ class BuzzHFLM(HFLM):
         self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
         self.score_chunk = _chunk("score_chunk", score_chunk) or self.prefill_chunk or 64
         self.run_stats = RunStats()
+        self.task_stats: dict[tuple[str | None, str], RunStats] = {}
         limit = self.policy.max_chunk() if budget is None else None  # a budget holds for any chunk
         if limit is not None and max(self.prefill_chunk or 0, self.score_chunk) > limit:
             log.warning(
@@ -163,9 +167,25 @@ class BuzzHFLM(HFLM):
                         evict=self.evict if self.evicting else None, positions=self.positions)
         return settings
 
+    @classmethod
+    def settings_for(cls, **cache_kwargs) -> dict:
+        """The ``cache_settings()`` that ``configure_cache(**cache_kwargs)`` gives, without a model
+        (sweeps compare them with stored results before loading anything)."""
+        probe, quiet = cls.__new__(cls), log.disabled
+        log.disabled = True
+        try:
+            probe.configure_cache(**cache_kwargs)
+        finally:
+            log.disabled = quiet
+        return probe.cache_settings()
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
-        info["buzz_cache"] = {**self.cache_settings(), **self.run_stats.summary()}
+        info["model_name_or_path"] = getattr(self.model.config, "name_or_path", None) or None
+        per_task: dict[str, dict] = {}
+        for (task, kind), stats in self.task_stats.items():
+            per_task.setdefault(task or "(no task)", {})[kind] = stats.summary()
+        info["buzz_cache"] = {**self.cache_settings(), **self.run_stats.summary(), "per_task": per_task}
         return info
 
     @property
@@ -185,11 +205,11 @@ class BuzzHFLM(HFLM):
     # -- request types ------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False):
         with self.streaming(self.evicting and self.prefill_chunk is not None):
-            return super().generate_until(requests, disable_tqdm)
+            return self.per_task("generate_until", requests, super().generate_until, disable_tqdm)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         with self.streaming(self.evicting):
-            return super().loglikelihood(requests, disable_tqdm)
+            return self.per_task("loglikelihood", requests, super().loglikelihood, disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         if self.evicting and self.evict == "after_prefill":
@@ -197,7 +217,24 @@ class BuzzHFLM(HFLM):
                         "documents are scored on an uncompressed cache (use evict=every_forward to measure %s)",
                         self.policy.name)
         with self.streaming(self.evicting):
-            return super().loglikelihood_rolling(requests, disable_tqdm)
+            return self.per_task("loglikelihood_rolling", requests, super().loglikelihood_rolling, disable_tqdm)
+
+    def per_task(self, kind: str, requests, run, disable_tqdm: bool) -> list:
+        """``run`` the requests of each task in turn (lm-eval hands all tasks in one call), so the
+        statistics are recorded per (task, request type); results come back in the original order."""
+        groups: dict[str | None, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(getattr(request, "task_name", None), []).append(i)
+        results: list = [None] * len(requests)
+        for task, indices in groups.items():
+            self._stats_key = (task, kind)
+            try:
+                outputs = run([requests[i] for i in indices], disable_tqdm)
+            finally:
+                self._stats_key = None
+            for i, output in zip(indices, outputs, strict=True):
+                results[i] = output
+        return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         """Under after_prefill: requests in groups of one context length, compressed after the context."""
@@ -276,19 +313,36 @@ class BuzzHFLM(HFLM):
 
     # -- statistics -----------------------------------------------------------------------------
     def record(self, kind: str, cache, rows: int, seen: int, tokens: int, seconds: float) -> None:
-        """Fold one batch's cache statistics into the run; append it to ``stats_file`` if set."""
+        """Fold one batch's cache statistics into the run and its (task, request type); append it
+        to ``stats_file`` if set, with the cache settings, task and process that produced it."""
+        task, kind = self._stats_key or (None, kind)
         if cache is not None:
             stats = cache.stats()
         else:
             stats = full_cache_stats(self.model.config, rows, seen, self.model.dtype.itemsize)
         entry = self.run_stats.add(stats, rows, tokens, seconds)
+        self.task_stats.setdefault((task, kind), RunStats()).add(stats, rows, tokens, seconds)
         if self.stats_file and self.rank == 0:
-            entry = {"request_type": kind, "policy": self.policy.name, **entry}
+            identity = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+            entry = {"request_type": kind, "task": task, "policy": self.policy.name,
+                     "cache": self.cache_settings(), **identity, **entry}
             if kind == "generate_until":
                 texts = getattr(self, "_batch_texts", [])
                 entry["context_sha1"] = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
             with open(self.stats_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
+
+
+def check_stats_file(path: str | None) -> None:
+    """Fail before the model loads when ``stats_file`` cannot be appended to."""
+    if path is None:
+        return
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"buzz_hf: stats_file={path!r} cannot be written ({exc.strerror or exc}); "
+                         "give a file in an existing, writable folder") from exc
 
 
 def load_config(pretrained: str, kwargs: dict):

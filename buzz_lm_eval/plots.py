@@ -1,6 +1,6 @@
 """PNG plots for ``buzz-lm-eval leaderboard`` (needs the optional ``plots`` extra: matplotlib).
 
-Per model, task and metric: (a) the metric against the KV budget, one line per policy, with the
+Per model, task, metric and comparison (same settings; see the leaderboard): (a) the metric against the KV budget, one line per policy, with the
 full cache as a dashed horizontal line; (b) relative quality against the measured compression
 ratio, one marker per policy. Figures are drawn with the Agg canvas and returned as PNG bytes;
 ``render_plots`` raises ImportError when matplotlib is missing; ``write_plots`` says so instead.
@@ -18,7 +18,7 @@ from typing import Any, Callable
 MARKERS = {"local": "s", "streaming": "^", "h2o": "v", "buzz": "o", "buzz_fast": "D",
            "buzz_nomax": "P", "snapkv": "X", "pyramidkv": "*", "tova": "h", "knorm": "<", "random": ">"}
 SPARE_MARKERS = ("p", "d", "8", "H", "1", "2")
-PLOT_KEY = ("model", "task", "metric", "filter")
+PLOT_KEY = ("model", "task", "metric", "filter", "comparison")
 DIRECTIONS = {True: "higher is better", False: "lower is better"}
 
 Row = dict[str, Any]
@@ -46,10 +46,10 @@ def direction(row: Row) -> str:
 
 
 def series(rows: list[Row], *fields: str) -> dict[str, list[Row]]:
-    """Compressed (non-full) rows having all ``fields``, by policy, each sorted by budget."""
+    """Compressed (non-full) rows having a value and all ``fields``, by policy, sorted by budget."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        if row["policy"] != "full" and all(row[field] is not None for field in fields):
+        if row["policy"] != "full" and all(row[field] is not None for field in ("value", *fields)):
             groups.setdefault(row["policy"], []).append(row)
     return {policy: sorted(g, key=lambda r: r["budget"] or 0) for policy, g in groups.items()}
 
@@ -95,7 +95,7 @@ def plot_vs_budget(rows: list[Row]) -> bytes | None:
         xs, ys = [p["budget"] for p in points], [p["value"] for p in points]
         errors = [p["stderr"] or 0.0 for p in points]
         axes.errorbar(xs, ys, yerr=errors, marker=marker(policy), capsize=3, label=policy)
-    for full in (row for row in rows if row["policy"] == "full"):
+    for full in (row for row in rows if row["policy"] == "full" and row["value"] is not None):
         axes.axhline(full["value"], linestyle="--", color="black", label="full cache")
     budget_axis(axes, [p["budget"] for points in lines.values() for p in points])
     first = rows[0]
@@ -131,9 +131,11 @@ def render_plots(rows: list[Row]) -> dict[str, bytes]:
 
     images: dict[str, bytes] = {}
     ordered = sorted(rows, key=itemgetter(*PLOT_KEY))
-    for _, group in itertools.groupby(ordered, itemgetter(*PLOT_KEY)):
-        group_rows = list(group)
-        stem = file_stem(group_rows[0])
+    groups = [list(group) for _, group in itertools.groupby(ordered, itemgetter(*PLOT_KEY))]
+    stems = [file_stem(group[0]) for group in groups]
+    for group_rows, stem in zip(groups, stems):
+        if stems.count(stem) > 1:  # the same model and task under other settings: name the comparison
+            stem = f"{stem}__{group_rows[0]['comparison']}"
         for kind, draw in (("vs_budget", plot_vs_budget), ("vs_compression", plot_vs_compression)):
             png = draw(group_rows)
             if png is not None:

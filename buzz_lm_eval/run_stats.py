@@ -1,8 +1,12 @@
-"""Whole-run cache statistics of an lm-eval model, summed over its batches (per sequence)."""
+"""Cache statistics of an lm-eval model, summed over its batches (per sequence).
+
+``RunStats`` accumulates one run, or one task's requests of one type; ``combine`` merges
+summaries (a group task's subtasks, or a task's request types) exactly as if accumulated together.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -36,9 +40,8 @@ class RunStats:
         self.seconds += seconds
         self.evict_seconds += stats["evict_seconds"]
         self.kept_tokens_peak = max(self.kept_tokens_peak, stats["kept_tokens_peak"])
-        layers = stats["kept_tokens_peak_per_layer"]
-        previous = self.kept_tokens_peak_per_layer or [0] * len(layers)
-        self.kept_tokens_peak_per_layer = [max(a, b) for a, b in zip(previous, layers, strict=True)]
+        layers = stats.get("kept_tokens_peak_per_layer") or []
+        self.kept_tokens_peak_per_layer = layer_peaks(self.kept_tokens_peak_per_layer, layers)
         self.kv_bytes_peak = max(self.kv_bytes_peak, per_row_peak)
         self.kept_tokens_weighted += stats["kept_tokens_mean"] * rows
         self.kv_bytes_weighted += stats["kv_bytes_mean"]
@@ -56,6 +59,8 @@ class RunStats:
         }
 
     def summary(self) -> dict:
+        """Plain ints/floats; ``kv_bytes_peak_total`` (sum of the batches' peak bytes) lets
+        summaries be combined again."""
         rows = max(self.sequences, 1)
         return {
             "sequences": self.sequences,
@@ -70,7 +75,52 @@ class RunStats:
             "evict_seconds": self.evict_seconds,
             "model_seconds": self.seconds,
             "tokens_per_second": self.tokens / self.seconds if self.seconds else 0.0,
+            "kv_bytes_peak_total": self.peak_bytes,
         }
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> RunStats:
+        """The accumulator behind ``summary`` (inverse of ``summary()``)."""
+        rows = summary["sequences"]
+        peak_bytes = summary["kv_bytes_peak_total"]
+        return cls(
+            sequences=rows, batches=summary["batches"], tokens=summary["tokens_processed"],
+            seconds=summary["model_seconds"], evict_seconds=summary["evict_seconds"],
+            kept_tokens_peak=summary["kept_tokens_peak"], kv_bytes_peak=summary["kv_bytes_peak"],
+            kept_tokens_weighted=summary["kept_tokens_mean"] * rows,
+            kv_bytes_weighted=summary["kv_bytes_mean"] * rows,
+            full_bytes=summary["compression_ratio"] * peak_bytes, peak_bytes=peak_bytes,
+            kept_tokens_peak_per_layer=list(summary.get("kept_tokens_peak_per_layer") or []),
+        )
+
+    def merge(self, other: RunStats) -> None:
+        """Fold ``other`` in: sums add up, peaks take the larger."""
+        for item in fields(self):
+            mine, theirs = getattr(self, item.name), getattr(other, item.name)
+            if item.name == "kept_tokens_peak_per_layer":
+                setattr(self, item.name, layer_peaks(mine, theirs))
+            else:
+                peak = item.name in ("kept_tokens_peak", "kv_bytes_peak")
+                setattr(self, item.name, max(mine, theirs) if peak else mine + theirs)
+
+
+def layer_peaks(previous: list[int], layers: list[int]) -> list[int]:
+    """Elementwise maximum of two per-layer peak lists (an empty list is no data yet)."""
+    if not previous or not layers:
+        return list(previous or layers)
+    return [max(a, b) for a, b in zip(previous, layers, strict=True)]
+
+
+def combine(summaries: list[dict]) -> dict:
+    """One summary for several (raises KeyError for a summary without the fields it needs)."""
+    total = RunStats()
+    for summary in summaries:
+        total.merge(RunStats.from_summary(summary))
+    return total.summary()
+
+
+# keys of config.buzz_cache that are statistics, not settings (also the per-batch cache.stats() ones)
+STAT_KEYS = frozenset(RunStats().summary()) | {"tokens_seen", "per_task"}
 
 
 def full_cache_stats(config, rows: int, tokens_seen: int, element_size: int) -> dict:

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from buzz_lm_eval import cli, leaderboard
+from buzz_lm_eval import cli, files, leaderboard
+from buzz_lm_eval.results_reader import ModelId, model_id
+from buzz_lm_eval.run_stats import RunStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-DIRECTIONS = {"acc": True, "word_perplexity": False}
+DIRECTIONS = {"acc": True, "word_perplexity": False, "bypass": True}
+CACHE_KEYS = ("policy", "budget", "sink", "window", "threshold", "stride", "heavy", "recent", "prefill_chunk")
 
 
-def buzz_cache(policy: str, budget: int | None, **stats: float) -> dict[str, Any]:
-    """A ``config["buzz_cache"]`` block as buzz_hf writes it."""
+def summary(peak: int, ratio: float, sequences: int = 1) -> dict[str, Any]:
+    """A per-task statistics summary as buzz_hf writes it (one batch per sequence)."""
+    stats = RunStats()
+    for _ in range(sequences):
+        stats.add({"tokens_seen": 100, "kept_tokens_peak": peak, "kept_tokens_mean": peak * 0.9,
+                   "kv_bytes_peak": peak * 1024, "kv_bytes_mean": peak * 900, "compression_ratio": ratio,
+                   "evict_seconds": 0.1}, 1, 100, 0.1)
+    return stats.summary()
+
+
+def buzz_cache(policy: str, budget: int | None, **stats: Any) -> dict[str, Any]:
+    """A ``config["buzz_cache"]`` block as buzz_hf writes it (whole-run statistics only)."""
     cache = {
         "policy": policy, "budget": budget, "sink": 4, "window": 16, "threshold": None, "stride": None,
         "heavy": None, "recent": None, "prefill_chunk": 512, "tokens_seen": 4096,
@@ -44,7 +58,9 @@ def results_json(
         for task, values in metrics.items()
     }
     config: dict[str, Any] = {"model": model, "model_args": f"pretrained={pretrained},dtype=float32",
-                              "model_num_parameters": 1000, "batch_size": 1, "device": "cpu", "limit": 50}
+                              "model_num_parameters": 1000, "model_dtype": "torch.float32",
+                              "model_revision": "main", "model_sha": "", "batch_size": 1, "device": "cpu",
+                              "limit": 50.0}
     if cache is not None:
         config["buzz_cache"] = cache
     return {
@@ -60,6 +76,7 @@ def results_json(
         "date": date,
         "model_name": pretrained,
         "model_name_sanitized": pretrained.replace("/", "__"),
+        "chat_template": None, "chat_template_sha": None, "max_length": 2048,
     }
 
 
@@ -101,13 +118,23 @@ def test_row_schema_and_values(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert leaderboard.main([str(sweep), "--output", str(out)]) == 0
     row = find(load_rows(out), task="arc", policy="buzz", budget=64)
+    settings = {"dtype": "torch.float32", "task_version": 1.0, "limit": 50, "num_fewshot": 0,
+                "chat_template": None, "system_instruction": None, "fewshot_as_multiturn": None,
+                "generation_kwargs": None, "max_length": 2048, "predict_only": False}
+    cache = {key: value for key, value in buzz_cache("buzz", 64).items() if key in CACHE_KEYS}
     assert row == {
         "model": "tiny-llama", "task": "arc", "metric": "acc", "filter": "none", "policy": "buzz",
         "budget": 64, "value": 0.60, "stderr": pytest.approx(0.006), "higher_is_better": True,
-        "relative_quality": pytest.approx(0.75), "full_value": 0.80, "compression_ratio": 64.0,
-        "kv_bytes_peak": 65536, "kept_tokens_peak": 64, "tokens_per_second": 1000.0, "n_samples": 50,
-        "source": "buzz_b64/__models__tiny-llama/results_2025-01-01T00-00-00.json",
+        "relative_quality": pytest.approx(0.75), "full_value": 0.80,
+        "full_source": "full/__models__tiny-llama/results_2025-01-01T00-00-00.json", "compression_ratio": 64.0,
+        "kv_bytes_peak": 65536, "kept_tokens_peak": 64, "tokens_per_second": 1000.0, "stats_scope": "run",
+        "n_samples": 50, "source": "buzz_b64/__models__tiny-llama/results_2025-01-01T00-00-00.json",
+        "model_id": {"path": "/models/tiny-llama", "revision": "main", "sha": None, "peft": None, "delta": None},
+        "settings": settings, "cache": cache, "comparison": row["comparison"],
+        "notes": ["statistics are the whole run's (the file has no per-task statistics)"],
     }
+    full = find(load_rows(out), task="arc", policy="full")
+    assert full["comparison"] == row["comparison"] and full["settings"] == settings
 
 
 def test_relative_quality_orientation(sweep: Path) -> None:
@@ -143,10 +170,13 @@ def test_markdown_table(sweep: Path) -> None:
     text = (sweep / "leaderboard.md").read_text(encoding="utf-8")
     assert "### arc · acc (filter none, higher is better)" in text
     assert "### wiki · word_perplexity (filter none, lower is better)" in text
-    full = "| tiny-llama | full | full | 0.8000 | 0.0080 | 1.000 | 1.00× | 4.0 MiB | 4096 | 1000.0 | 50 |"
-    buzz64 = "| tiny-llama | buzz | 64 | 0.6000 | 0.0060 | 0.750 | 64.00× | 64.0 KiB | 64 | 1000.0 | 50 |"
+    note = "  |"
+    full = "| tiny-llama | full | full | 0.8000 | 0.0080 | 1.000 | 1.00× | 4.0 MiB | 4096 | 1000.0 | 50 |" + note
+    buzz64 = "| tiny-llama | buzz | 64 | 0.6000 | 0.0060 | 0.750 | 64.00× | 64.0 KiB | 64 | 1000.0 | 50 |" + note
     local128 = ("| tiny-llama | local | 128 | 0.6400 | 0.0064 | 0.800 | 32.00× | 128.0 KiB | 128 "
-                "| 1000.0 | 50 |")
+                "| 1000.0 | 50 |") + note
+    assert "tiny-llama (`/models/tiny-llama`, revision main) · dtype torch.float32 · task_version 1.0" in text
+    assert "Every row: statistics are the whole run's (the file has no per-task statistics)." in text
     assert full in text
     assert text.index(buzz64) < text.index(local128) < text.index("### wiki")
 
@@ -180,8 +210,15 @@ def test_bad_inputs_are_reported_and_skipped(sweep: Path, capsys: pytest.Capture
     write_run(sweep, "foreign", {"scores": [1, 2]})
     write_run(sweep, "vllm", results_json({"arc": {"acc": 0.9}}, None, model="vllm"))
     write_run(sweep, "nopolicy", results_json({"arc": {"acc": 0.9}}, {"budget": 8}))
-    assert leaderboard.main([str(sweep)]) == 0
-    err = capsys.readouterr().err.splitlines()
+    empty = results_json({"arc": {"acc": 0.9}}, buzz_cache("buzz", 8))
+    empty["results"] = {}
+    write_run(sweep, "empty", empty)
+    assert leaderboard.main([str(sweep)]) == 1  # rows are written, but skipped files are an error
+    captured = capsys.readouterr()
+    assert "5 skipped" in captured.out
+    err = captured.err.splitlines()
+    assert any("empty/" in line and "no results" in line for line in err)
+    assert "5 results file(s) skipped" in err[-1]
     assert any("broken/" in line and "invalid JSON" in line for line in err)
     assert any("foreign/" in line and "no 'results' section" in line for line in err)
     assert any("vllm/" in line and "no config.buzz_cache" in line and "'vllm'" in line for line in err)
@@ -210,8 +247,10 @@ def test_duplicates_keep_newest(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert leaderboard.main([str(tmp_path)]) == 0
     row = find(load_rows(tmp_path), policy="buzz")
     assert row["value"] == 0.7 and row["source"] == newer.relative_to(tmp_path).as_posix()
-    message = capsys.readouterr().err
-    assert older.relative_to(tmp_path).as_posix() in message and "keeping the newer" in message
+    [message] = [line for line in capsys.readouterr().err.splitlines() if "duplicate" in line]
+    old_name, new_name = (p.relative_to(tmp_path).as_posix() for p in (older, newer))
+    assert f"{old_name} and {new_name}; keeping {new_name}" in message
+    assert "rule: the later 'date' in the JSON, then the later file name" in message
 
 
 def test_no_usable_results_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,16 +265,180 @@ def test_missing_results_dir_exit_1(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    ({"model_args": {"pretrained": "org/Model-1B"}}, "Model-1B"),
-    ({"model_args": "pretrained=/data/models/llama/,cache=buzz,budget=256"}, "llama"),
-    ({"model_args": "", "model_name": "C:\\models\\phi"}, "phi"),
-    ({"model": "buzz_hf"}, "buzz_hf"),
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"config": {"model_args": {"pretrained": "org/Model-1B", "revision": "v2"}, "model_sha": "abc"}},
+     ModelId("org/Model-1B", "v2", "abc", None, None)),
+    ({"config": {"model_args": "pretrained=/data/llama/,peft=/ad", "model_revision": "main"}},
+     ModelId("/data/llama/", "main", None, "/ad", None)),
+    ({"config": {"model_args": "", "model_name_or_path": "/m/phi"}}, ModelId("/m/phi", "main", None, None, None)),
+    ({"config": {"model": "buzz_hf"}, "model_name": "C:\\models\\phi"},
+     ModelId("C:\\models\\phi", "main", None, None, None)),
 ])
-def test_model_name(config: dict[str, Any], expected: str) -> None:
-    assert leaderboard.model_name({"config": config}) == expected
+def test_model_id(data: dict[str, Any], expected: ModelId) -> None:
+    assert model_id(data) == expected
+
+
+def test_display_names_tell_models_apart() -> None:
+    a, b = ModelId("/a/x/m", "main", None, None, None), ModelId("/b/x/m", "main", None, None, None)
+    hub, hub2 = ModelId("org/m", "main", None, None, None), ModelId("org/m", "v2", None, None, None)
+    names = leaderboard.display_names([a, b, hub, hub2, ModelId("/z/solo", "main", None, None, None)])
+    assert names == {a: "a/x/m", b: "b/x/m", hub: "org/m revision=main", hub2: "org/m revision=v2",
+                     ModelId("/z/solo", "main", None, None, None): "solo"}
 
 
 def test_cli_dispatch(sweep: Path, tmp_path: Path) -> None:
     assert cli.main(["leaderboard", str(sweep), "--output", str(tmp_path / "cli")]) == 0
     assert load_rows(tmp_path / "cli")
+
+
+# -- results that hold up (issue 16) ----------------------------------------------------------
+def test_two_models_in_folders_with_the_same_name_never_merge(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    for folder, acc in (("real", 0.7), ("random", 0.2)):
+        data = results_json({"arc": {"acc": acc}}, buzz_cache("buzz", 64), pretrained=f"/{folder}/stories260K")
+        write_run(tmp_path, folder, data)
+    assert leaderboard.main([str(tmp_path)]) == 0
+    rows = load_rows(tmp_path)
+    assert {(row["model"], row["value"]) for row in rows} == {("real/stories260K", 0.7), ("random/stories260K", 0.2)}
+    assert "duplicate" not in capsys.readouterr().err
+
+
+def test_non_utf8_file_names_are_named_and_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path, "full", results_json({"arc": {"acc": 0.8}}, buzz_cache("full", None)))
+    write_run(tmp_path, os.fsdecode(b"buzz\xff"), results_json({"arc": {"acc": 0.4}}, buzz_cache("buzz", 64)))
+    (tmp_path / os.fsdecode(b"notes\xfe.txt")).write_text("not json", encoding="utf-8")
+    assert leaderboard.main([str(tmp_path)]) == 0
+    assert "buzz\\xff/__models__tiny-llama/results_2025-01-01T00-00-00.json: file name is not valid UTF-8" \
+        in capsys.readouterr().err
+    row = find(load_rows(tmp_path), policy="buzz")
+    assert row["source"].startswith("buzz\\xff/") and row["relative_quality"] == pytest.approx(0.5)
+    assert "| buzz | 64 | 0.4000 |" in (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
+
+
+def test_nan_and_infinite_values_stay_visible(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path, "full", results_json({"arc": {"acc": 0.8}}, buzz_cache("full", None)))
+    data = results_json({"arc": {"acc": 0.5, "word_perplexity": 2.0}}, buzz_cache("buzz", 64))
+    data["results"]["arc"]["acc,none"] = float("nan")
+    data["results"]["arc"]["word_perplexity,none"] = float("inf")
+    write_run(tmp_path, "buzz", json.dumps(data))  # lm-eval writes NaN / Infinity literally
+    assert leaderboard.main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "arc acc,none is nan" in err and "arc word_perplexity,none is inf" in err
+    rows = load_rows(tmp_path)
+    for metric, shown in (("acc", "nan"), ("word_perplexity", "inf")):
+        row = find(rows, policy="buzz", metric=metric)
+        assert row["value"] is None and row["relative_quality"] is None
+        assert f"value is {shown} in the results file, not a finite number" in row["notes"]
+    assert "value is nan" in (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
+
+
+def test_read_only_output_folder_names_the_output(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "readonly"
+    out.mkdir()
+
+    def denied(suffix="", prefix="", dir=None, **_: Any):  # what a read-only folder gives mkstemp
+        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}x1y2z3{suffix}"))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied)
+    assert leaderboard.main([str(sweep), "--output", str(out)]) == 1
+    [line] = capsys.readouterr().err.splitlines()[-1:]
+    assert f"cannot write leaderboard.json into folder {out}: Permission denied" in line
+    assert ".tmp" not in line and not list(out.iterdir())
+
+
+def test_output_path_json_files_are_read_by_content(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "out").mkdir()
+    full = results_json({"arc": {"acc": 0.8}}, buzz_cache("full", None))
+    (tmp_path / "out" / "full_2025-01-01T00-00-00.123.json").write_text(json.dumps(full), encoding="utf-8")
+    buzz = results_json({"arc": {"acc": 0.6}}, buzz_cache("buzz", 64))
+    (tmp_path / "out" / "x_2025-01-02T00-00-00.json").write_text(json.dumps(buzz, indent=2), encoding="utf-8")
+    (tmp_path / "out" / "notes.json").write_text(json.dumps({"comment": "results"}), encoding="utf-8")
+    assert leaderboard.main([str(tmp_path)]) == 0
+    assert find(load_rows(tmp_path), policy="buzz")["relative_quality"] == pytest.approx(0.75)
+    assert "ignored 1 other JSON file(s), not lm-eval results: out/notes.json" in capsys.readouterr().err
+    assert leaderboard.main([str(tmp_path)]) == 0  # its own leaderboard.json is not read back
+
+
+def test_rows_use_their_own_task_statistics(tmp_path: Path) -> None:
+    """Two tasks in one run: each row shows its task's statistics; a group shows its subtasks'."""
+    per_task = {"wiki": {"loglikelihood_rolling": summary(95, 5.39)},
+                "xsum_a": {"generate_until": summary(384, 4.61)}, "xsum_b": {"generate_until": summary(200, 6.0, 3)}}
+    data = results_json({"wiki": {"word_perplexity": 9.0}, "xsum": {"acc": 0.3}, "xsum_a": {"acc": 0.2},
+                         "xsum_b": {"acc": 0.4}}, buzz_cache("buzz", 64, per_task=per_task))
+    data["group_subtasks"] = {"xsum": ["xsum_a", "xsum_b"], "wiki": []}
+    write_run(tmp_path, "buzz", data)
+    assert leaderboard.main([str(tmp_path)]) == 0
+    rows = load_rows(tmp_path)
+    wiki, group = find(rows, task="wiki"), find(rows, task="xsum")
+    assert (wiki["kept_tokens_peak"], wiki["compression_ratio"], wiki["stats_scope"]) == (95, 5.39, "task")
+    assert find(rows, task="xsum_a")["kept_tokens_peak"] == 384
+    full_bytes, peak_bytes = 384 * 1024 * 4.61 + 3 * 200 * 1024 * 6.0, 384 * 1024 + 3 * 200 * 1024
+    assert group["kept_tokens_peak"] == 384 and group["compression_ratio"] == pytest.approx(full_bytes / peak_bytes)
+    assert wiki["notes"] == group["notes"] == ["no full-cache run of this model and task"]
+
+
+def test_relative_quality_only_against_a_comparable_full_run(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    full = results_json({"arc": {"acc": 0.8}, "gen": {"acc": 0.5}}, buzz_cache("full", None, prefill_chunk=None))
+    full["config"]["limit"] = 20
+    for data in (full, buzz := results_json({"arc": {"acc": 0.6}, "gen": {"acc": 0.4}}, buzz_cache("buzz", 64))):
+        data["configs"]["gen"]["generation_kwargs"] = {"until": ["\n"], "do_sample": False}
+    buzz["configs"]["gen"]["generation_kwargs"]["do_sample"] = True
+    buzz["config"]["limit"] = 20.0
+    write_run(tmp_path, "full", full)
+    write_run(tmp_path, "buzz", buzz)
+    write_run(tmp_path, "h2o", results_json({"arc": {"acc": 0.5}}, buzz_cache("h2o", 64)))  # limit 50
+    assert leaderboard.main([str(tmp_path)]) == 0
+    rows = load_rows(tmp_path)
+    assert find(rows, task="arc", policy="buzz")["relative_quality"] == pytest.approx(0.75)  # chunks differ: fine
+    gen = find(rows, task="gen", policy="buzz")
+    assert gen["relative_quality"] is None and gen["full_value"] is None
+    assert 'generation_kwargs ({"do_sample": false, "until": ["\\n"]} there, {"do_sample": true' in gen["notes"][-1]
+    h2o = find(rows, task="arc", policy="h2o")
+    assert h2o["relative_quality"] is None and "limit (20 there, 50 here)" in h2o["notes"][-1]
+    err = capsys.readouterr().err
+    assert "gen (tiny-llama, e.g. buzz/" in err and "the full-cache run full/" in err
+    assert "limit (20 there, 50 here)" in err
+    assert find(rows, task="arc", policy="full")["comparison"] != h2o["comparison"]
+
+
+def test_predict_only_runs_carry_no_scores(tmp_path: Path) -> None:
+    full = results_json({"arc": {"bypass": 999}}, buzz_cache("full", None))
+    write_run(tmp_path, "full", full)
+    write_run(tmp_path, "buzz", results_json({"arc": {"acc": 0.6}}, buzz_cache("buzz", 64)))
+    assert leaderboard.main([str(tmp_path)]) == 0
+    rows = load_rows(tmp_path)
+    predicted = find(rows, policy="full")
+    assert predicted["value"] is None and predicted["settings"]["predict_only"] is True
+    assert leaderboard.PREDICT_ONLY in predicted["notes"]
+    scored = find(rows, policy="buzz")
+    assert scored["relative_quality"] is None and "no full-cache run of this model and task" in scored["notes"]
+
+
+def test_every_cache_setting_is_carried_and_tells_runs_apart(tmp_path: Path) -> None:
+    """A cache setting the leaderboard has never heard of (``positions``) appears in rows, keeps two
+    runs apart, shows in the table, and plays no part in matching the full run."""
+    write_run(tmp_path, "full", results_json({"arc": {"acc": 0.8}}, buzz_cache("full", None, positions=None)))
+    for positions, acc in (("shifted", 0.6), ("original", 0.4)):
+        cache = buzz_cache("buzz", 64, positions=positions)
+        write_run(tmp_path, f"buzz_{positions}", results_json({"arc": {"acc": acc}}, cache))
+    assert leaderboard.main([str(tmp_path)]) == 0
+    rows = load_rows(tmp_path)
+    shifted, original = find(rows, value=0.6), find(rows, value=0.4)
+    assert (shifted["cache"]["positions"], original["cache"]["positions"]) == ("shifted", "original")
+    assert (shifted["relative_quality"], original["relative_quality"]) == (pytest.approx(0.75), pytest.approx(0.5))
+    text = (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
+    assert "| cache settings |" in text and "| buzz | 64 | positions=shifted | 0.6000 |" in text
+
+
+def test_plots_of_other_settings_get_their_own_files(tmp_path: Path) -> None:
+    for limit in (10, 20):
+        for policy, budget in (("full", None), ("buzz", 64)):
+            data = results_json({"arc": {"acc": 0.8 if budget is None else 0.6}}, buzz_cache(policy, budget))
+            data["config"]["limit"] = limit
+            write_run(tmp_path, f"{policy}_{limit}", data)
+    assert leaderboard.main([str(tmp_path)]) == 0
+    comparisons = {row["comparison"] for row in load_rows(tmp_path)}
+    names = sorted(path.name for path in tmp_path.glob("*vs_budget.png"))
+    assert len(comparisons) == 2 and names == sorted(f"arc__acc__tiny-llama__{c}__vs_budget.png" for c in comparisons)

@@ -152,18 +152,23 @@ def test_cache_settings_in_model_args_are_refused(tmp_path, capsys):
 def test_a_failing_run_is_reported_and_the_grid_goes_on(tmp_path, capsys, monkeypatch):
     def fake_evaluate(lm, settings, run):
         if run.name == "streaming_b32":
-            raise RuntimeError("out of memory")
+            raise RuntimeError("out of memory\nwhile allocating 2 GiB")
         return {"results": {TASK: {"word_perplexity,none": 2.0}},
-                "config": {"buzz_cache": {"compression_ratio": 3.0}}}
+                "config": {"buzz_cache": {"compression_ratio": 3.0}}}, {}
 
     monkeypatch.setattr(sweep, "load_model", lambda kwargs: object())
     monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
     code, out, err = run_sweep(capsys, argv(tmp_path, "streaming,buzz", "32"))
     assert code == 1
-    assert "streaming_b32 FAILED (RuntimeError: out of memory)" in err
+    [line] = [line for line in err.splitlines() if "FAILED" in line]
+    assert line == ("sweep: streaming_b32 FAILED (RuntimeError: out of memory); continuing "
+                    "(--verbose shows the traceback)")
+    assert "Traceback" not in err
     assert not (tmp_path / "streaming_b32").exists()
     assert "word_perplexity=2" in err and results_of(tmp_path / "buzz_b32")["sweep"]["run"] == "buzz_b32"
     assert "1 of 2 runs have results" in out
+    code, _, err = run_sweep(capsys, argv(tmp_path / "verbose", "streaming", "32") + ["--verbose"])
+    assert code == 1 and "Traceback (most recent call last)" in err and "while allocating 2 GiB" in err
 
 
 def test_leaderboard_reads_the_sweep_output(copied, capsys):
@@ -174,3 +179,77 @@ def test_leaderboard_reads_the_sweep_output(copied, capsys):
         (name.split("_b")[0], budget or 0) for name, budget in GRID.items()
     )
     assert all(row["relative_quality"] is not None and row["model"] == "stories260K" for row in perplexity)
+
+
+def test_results_of_other_settings_stop_the_sweep(copied, capsys, monkeypatch):
+    """Another limit, other tasks or another cache setting into the same output: named, never reused."""
+    before = mtimes(copied)
+    monkeypatch.setattr(sweep, "load_model", no_model)
+    code, _, err = run_sweep(capsys, [*argv(copied), "--limit", "2"])
+    assert code == 2
+    assert err.count("holds results of other settings: limit (1 there, 2 now)") == len(GRID)
+    assert "stopped before loading the model" in err
+    code, _, err = run_sweep(capsys, argv(copied, tasks=f"{TASK},buzz_xsum_smoke"))
+    assert code == 2 and 'tasks (["buzz_wikitext_smoke"] there, ["buzz_wikitext_smoke", "buzz_xsum_smoke"] now)' in err
+    code, _, err = run_sweep(capsys, [*argv(copied, policies="buzz", budgets="32"), "--score_chunk", "16"])
+    assert code == 2
+    assert "model_args.score_chunk (64 there, 16 now)" in err and "cache.score_chunk (64 there, 16 now)" in err
+    assert mtimes(copied) == before
+
+
+def test_a_changed_cache_default_is_noticed(copied, capsys, monkeypatch):
+    [path] = (copied / "buzz_b32").glob("results_*.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["config"]["buzz_cache"]["stride"] = 3  # as if buzz's default stride had changed since
+    path.write_text(json.dumps(data), encoding="utf-8")
+    monkeypatch.setattr(sweep, "load_model", no_model)
+    code, _, err = run_sweep(capsys, argv(copied))
+    assert code == 2 and "buzz_b32 holds results of other settings: cache.stride (3 there, 5 now)" in err
+
+
+def test_ctrl_c_stops_with_one_line_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    def interrupted(lm, settings, run):
+        if run.name == "buzz_b32":
+            raise KeyboardInterrupt
+        return {"results": {TASK: {"word_perplexity,none": 2.0}}, "config": {"buzz_cache": {}}}, {}
+
+    monkeypatch.setattr(sweep, "load_model", lambda kwargs: object())
+    monkeypatch.setattr(sweep, "evaluate", interrupted)
+    args = argv(tmp_path / "out", "streaming,buzz", "32")
+    code, _, err = run_sweep(capsys, args)
+    assert code == 130 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "interrupted" in line]
+    assert line == f"sweep: interrupted; runs with results: streaming_b32; resume with: buzz-lm-eval sweep {' '.join(args)}"
+    assert results_of(tmp_path / "out" / "streaming_b32") and not (tmp_path / "out" / "buzz_b32").exists()
+
+
+def test_two_tasks_with_their_own_statistics_and_samples(tmp_path, capsys):
+    """A sweep over a perplexity and a summarisation task: each leaderboard row carries its own
+    task's cache statistics, and --log_samples puts lm-eval's samples files next to the results."""
+    output = tmp_path / "run"
+    args = [*argv(output, "buzz", "32", f"{TASK},buzz_xsum_smoke"), "--gen_kwargs", "max_gen_toks=4", "--log_samples"]
+    code, _, err = run_sweep(capsys, args)
+    assert code == 0, err
+    [results] = (output / "buzz_b32").glob("results_*.json")
+    date = results.name.removeprefix("results_").removesuffix(".json")
+    assert sorted(p.name for p in (output / "buzz_b32").glob("samples_*")) == [
+        f"samples_{TASK}_{date}.jsonl", f"samples_buzz_xsum_smoke_{date}.jsonl"]
+    [sample] = [json.loads(line) for line in (output / "buzz_b32" / f"samples_buzz_xsum_smoke_{date}.jsonl")
+                .read_text(encoding="utf-8").splitlines()]
+    assert sample["doc_id"] == 0 and "gen_args_0" in sample["arguments"] and sample["resps"]
+    data = json.loads(results.read_text(encoding="utf-8"))
+    assert set(data["task_hashes"]) == {TASK, "buzz_xsum_smoke"} and "samples" not in data
+    per_task = data["config"]["buzz_cache"]["per_task"]
+    assert set(per_task[TASK]) == {"loglikelihood_rolling"} and set(per_task["buzz_xsum_smoke"]) == {"generate_until"}
+
+    assert leaderboard.main([str(output)]) == 0
+    rows = json.loads((output / "leaderboard.json").read_text(encoding="utf-8"))["rows"]
+    wiki = next(row for row in rows if row["task"] == TASK)
+    xsum = next(row for row in rows if row["task"] == "buzz_xsum_smoke")
+    assert wiki["stats_scope"] == xsum["stats_scope"] == "task"
+    assert wiki["kept_tokens_peak"] <= 32 - 1 + 64 < xsum["kept_tokens_peak"]
+    assert wiki["compression_ratio"] != pytest.approx(xsum["compression_ratio"])
+    assert wiki["kept_tokens_peak"] == per_task[TASK]["loglikelihood_rolling"]["kept_tokens_peak"]
+
+    code, _, err = run_sweep(capsys, args)  # resumes: same settings, samples there
+    assert code == 0 and "buzz_b32: skipped" in err
