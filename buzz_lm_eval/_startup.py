@@ -6,7 +6,13 @@ no lm-eval import; microseconds) that acts only when lm-eval itself is imported:
 - after ``lm_eval.models`` runs, it registers ``buzz_hf`` lazily by "module:Class" string, so
   the built-in models stay registered (``get_model`` imports ``lm_eval.models`` first);
 - after ``lm_eval.tasks.manager`` runs, every ``TaskManager`` also indexes this package's
-  task directory, so ``--tasks buzz_*`` works without ``--include_path``.
+  task directory, so ``--tasks buzz_*`` works without ``--include_path``;
+- after ``lm_eval.api.model`` runs, ``--use_cache`` keeps one response file per cache setting
+  for models that name theirs (``response_cache_tag``), so no setting answers for another;
+- after ``lm_eval.api.task`` runs, lm-eval's per-task "Custom kwargs can be passed to
+  ``--metadata``" warning is shown once per process;
+- after ``lm_eval.loggers.evaluation_tracker`` runs, ``buzz_hf`` runs on the shipped model
+  (no ``pretrained=``) are named after it instead of a random id (the output folder's name).
 
 It never raises, and installing it twice is a no-op.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.machinery
+import os
 import sys
 
 MODEL_TARGET = "buzz_lm_eval.hflm:BuzzHFLM"
@@ -58,9 +65,75 @@ def with_tasks(include_path, ours):
     return paths
 
 
+def key_response_cache(model_module) -> None:
+    """Wrap ``CachingLM.__init__``: an LM with ``response_cache_tag()`` gets its own database file."""
+    cls = model_module.CachingLM
+    if getattr(cls.__init__, "_buzz_keyed", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, lm, cache_db, *args, **kwargs):
+        tag = getattr(lm, "response_cache_tag", None)
+        if callable(tag):
+            root, ext = os.path.splitext(cache_db)
+            cache_db = f"{root}.{tag()}{ext}"
+        original(self, lm, cache_db, *args, **kwargs)
+
+    __init__._buzz_keyed = True
+    cls.__init__ = __init__
+
+
+class OnceFilter:
+    """A logging filter (any object with ``filter``) letting a record containing ``text`` through once."""
+
+    def __init__(self, text: str):
+        self.text, self.seen = text, False
+
+    def filter(self, record) -> bool:
+        if self.text not in str(record.msg):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def quiet_task_warnings(task_module) -> None:
+    """lm-eval warns about ``--metadata`` for every task with a custom dataset: once is enough."""
+    text = "Custom kwargs can be passed to `--metadata`"
+    logger = task_module.eval_logger
+    if not any(isinstance(f, OnceFilter) and f.text == text for f in logger.filters):
+        logger.addFilter(OnceFilter(text))
+
+
+def name_default_model(tracker_module) -> None:
+    """Name ``buzz_hf`` runs without ``pretrained=`` after the shipped model, not a random id."""
+    import inspect
+
+    cls = tracker_module.GeneralConfigTracker
+    if getattr(cls.log_experiment_args, "_buzz_named", False):
+        return
+    original = cls.log_experiment_args
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def log_experiment_args(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        given = signature.bind(self, *args, **kwargs).arguments
+        if given.get("model_source") == "buzz_hf" and cls._get_model_name(given.get("model_args")) is None:
+            from buzz_lm_eval.paths import DEFAULT_MODEL_NAME
+
+            self.model_name = self.model_name_sanitized = DEFAULT_MODEL_NAME
+
+    log_experiment_args._buzz_named = True
+    cls.log_experiment_args = log_experiment_args
+
+
 AFTER_IMPORT = {
     "lm_eval.models": lambda module: register_model(),
     "lm_eval.tasks.manager": add_task_path,
+    "lm_eval.api.model": key_response_cache,
+    "lm_eval.api.task": quiet_task_warnings,
+    "lm_eval.loggers.evaluation_tracker": name_default_model,
 }
 
 
