@@ -219,21 +219,32 @@ def test_explicit_max_length_keeps_truncation_with_chunked_prefill():
 
 @pytest.mark.slow
 def test_cli_use_cache_never_hands_one_setting_the_answers_of_another(tmp_path):
-    """Also: the shipped model's runs land in a folder named after it, and lm-eval's per-task
-    metadata warning shows once, with no deprecation warning from our own calls."""
-    tasks, db = "buzz_wikitext_smoke,buzz_xsum_smoke", str(tmp_path / "responses")
-    full_path, full_log = run_lm_eval(tmp_path, "buzz_hf", "cache=full", tasks, extra=["--use_cache", db], pretrained=None)
-    buzz_path, _ = run_lm_eval(tmp_path, "buzz_hf", "cache=buzz,budget=32,score_chunk=256", tasks,
-                               extra=["--use_cache", db], pretrained=None)
+    """Also: the shipped model's runs land in a folder named after it, with no deprecation warning."""
+    task, db = "buzz_wikitext_smoke", str(tmp_path / "responses")
+    full_path, _ = run_lm_eval(tmp_path, "buzz_hf", "cache=full", task, extra=["--use_cache", db], pretrained=None)
+    buzz_path, buzz_log = run_lm_eval(tmp_path, "buzz_hf", "cache=buzz,budget=32,score_chunk=256", task,
+                                      extra=["--use_cache", db], pretrained=None)
     full, ours = (json.loads(path.read_text()) for path in (full_path, buzz_path))
     word = "word_perplexity,none"
-    assert ours["results"]["buzz_wikitext_smoke"][word] != full["results"]["buzz_wikitext_smoke"][word]
-    assert ours["config"]["buzz_cache"]["sequences"] == 2  # answered by the model, not the file
+    assert ours["results"][task][word] != full["results"][task][word]
+    assert ours["config"]["buzz_cache"]["sequences"] == 1  # answered by the model, not by the file
     databases = sorted(path.name for path in tmp_path.glob("responses_rank0.buzz_hf-*.db"))
     assert len(databases) == 2 and [name.split("-")[1] for name in databases] == ["buzz", "full"]
     assert full_path.parent.name == buzz_path.parent.name == "stories260K"
-    assert full_log.count("Custom kwargs can be passed to `--metadata`") == 1
-    assert "deprecated" not in full_log.lower()
+    assert "deprecated" not in buzz_log.lower()
+
+
+def test_lm_eval_metadata_warning_shows_once(caplog):
+    import lm_eval.api.task as task_module
+
+    from buzz_lm_eval._startup import OnceFilter
+
+    [once] = [f for f in task_module.eval_logger.filters if isinstance(f, OnceFilter)]  # the startup hook's
+    once.seen = False  # as at the start of a run
+    for task in ("buzz_cnndm_smoke", "buzz_xsum_smoke"):
+        task_module.eval_logger.warning(f"{task}: Custom kwargs can be passed to `--metadata` in console ...")
+    task_module.eval_logger.warning("another warning")
+    assert caplog.text.count("Custom kwargs") == 1 and "another warning" in caplog.text
 
 
 def test_buzz_lm_eval_checks_model_args_before_lm_eval_starts(capsys):

@@ -254,6 +254,7 @@ def test_unusable_data_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------- (c) end to end
 
 
+@pytest.mark.slow
 def test_end_to_end_buzz_smoke():
     import lm_eval
     import torch
