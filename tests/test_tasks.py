@@ -260,7 +260,7 @@ def test_end_to_end_buzz_smoke():
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 260K-parameter model runs fastest on one thread
+    torch.set_num_threads(1)  # a 292,800-parameter model runs fastest on one thread
     try:
         out = _run_buzz_smoke(lm_eval)
     finally:
