@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -110,6 +111,15 @@ def test_explicit_max_length_cuts_rolling_documents_into_windows():
     n_tokens = len(lm.tok_encode(document))
     lm.loglikelihood_rolling(requests("loglikelihood_rolling", (document,)))
     assert lm.get_model_info()["buzz_cache"]["sequences"] == math.ceil(n_tokens / 128) > 1
+
+def test_the_cache_is_passed_as_the_installed_transformers_wants():
+    lm = buzz(cache="buzz", budget=32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")  # deprecated since transformers 5.24
+        lm.loglikelihood(requests("loglikelihood", (STORY, " She was happy.")))
+        lm.generate_until(requests("generate_until", (STORY, {"max_gen_toks": 6})))
+    assert lm.get_model_info()["buzz_cache"]["sequences"] == 2
+
 
 def test_stats_file_gets_one_line_per_batch(tmp_path):
     path = tmp_path / "stats.jsonl"
