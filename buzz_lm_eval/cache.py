@@ -1,7 +1,7 @@
 """An evicting transformers ``Cache``: one policy per layer, applied after every forward.
 
     cache = build_cache(model, "buzz", budget=256)
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=64)  # past_key_values= before 5.24
     cache.stats()
 
 Each ``EvictingLayer`` is a ``DynamicLayer`` that also remembers, for every stored slot, the
