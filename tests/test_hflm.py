@@ -244,6 +244,23 @@ def test_cli_use_cache_never_hands_one_setting_the_answers_of_another(tmp_path):
     assert "deprecated" not in buzz_log.lower()
 
 
+@pytest.mark.parametrize(
+    "source, model_args, name",
+    [("buzz_hf", {"cache": "buzz"}, "stories260K"), ("buzz_hf", "cache=full", "stories260K"),
+     ("buzz_hf", {"pretrained": "org/model"}, "org/model"), ("hf", {"cache": "buzz"}, None)],
+)
+def test_runs_on_the_shipped_model_are_named_after_it(source, model_args, name):
+    from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+    tracker = GeneralConfigTracker()
+    tracker.log_experiment_args(model_source=source, model_args=model_args, system_instruction=None,
+                                chat_template=None, fewshot_as_multiturn=False)
+    if name is None:  # not ours: lm-eval's random id stays
+        assert tracker.model_name != "stories260K"
+    else:
+        assert tracker.model_name == name
+
+
 def test_lm_eval_metadata_warning_shows_once(caplog):
     import lm_eval.api.task as task_module
 
