@@ -66,9 +66,9 @@ def check_buzz_model_args(argv: list[str]) -> None:
     parser.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction)
     known, _ = parser.parse_known_args(argv)
     if known.model == "buzz_hf":
-        from buzz_lm_eval.hflm import check_model_args_dict
+        from buzz_lm_eval.hflm import check_parsed_model_args
 
-        check_model_args_dict(known.model_args or {})
+        check_parsed_model_args(known.model_args or {})
 
 
 def main(argv: list[str] | None = None) -> int:

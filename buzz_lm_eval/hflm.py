@@ -100,16 +100,16 @@ def check_args(pretrained, cache_args: dict, kwargs: dict) -> None:
     """Every check ``buzz_hf`` makes before loading weights (``buzz-lm-eval`` runs them before lm-eval starts)."""
     check_model_args(kwargs)
     policy = plan_cache(**cache_args)[0]
-    check_pretrained(str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained, kwargs, policy.evicts)
+    check_pretrained(pretrained, kwargs, policy.evicts)
 
 
-def check_model_args_dict(model_args: dict) -> None:
+def check_parsed_model_args(model_args: dict) -> None:
     """``check_args`` on model_args as lm-eval parsed them (a dict of ``BuzzHFLM`` keyword arguments)."""
     args = inspect.signature(BuzzHFLM.__init__).bind(None, **model_args).arguments
     kwargs = args.pop("kwargs", {})
     for key in ("self", "stats_file", "device"):
         args.pop(key, None)
-    check_args(args.pop("pretrained", None), args, kwargs)
+    check_args(args.pop("pretrained", None) or str(DEFAULT_MODEL_DIR), args, kwargs)
 
 
 @register_model("buzz_hf")
@@ -135,9 +135,9 @@ class BuzzHFLM(HFLM):
     ):
         sizes = dict(sink=sink, window=window, threshold=threshold, stride=stride, heavy=heavy, recent=recent)
         cache_args = dict(cache=cache, budget=budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk, **sizes)
+        pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
         check_args(pretrained, cache_args, kwargs)
         self.configure_cache(**cache_args)
-        pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.stats_file, self._streaming, self._probing = stats_file, False, False
         super().__init__(pretrained=pretrained, device=device, **kwargs)
