@@ -34,25 +34,32 @@ def register_model() -> None:
         model_registry.register("buzz_hf", target=MODEL_TARGET)
 
 
+def wrap_method(cls, name: str, make) -> None:
+    """Replace ``cls.<name>`` by ``make(original)``, once: wrapping an already wrapped one is a no-op."""
+    original = getattr(cls, name)
+    if getattr(original, "_buzz_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    wrapper._buzz_wrapped = True
+    setattr(cls, name, wrapper)
+
+
 def add_task_path(manager_module) -> None:
     """Wrap ``TaskManager.__init__`` so our tasks are always on its include path."""
-    cls = manager_module.TaskManager
-    if getattr(cls.__init__, "_buzz_tasks", False):
-        return
-    original = cls.__init__
 
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        from buzz_lm_eval.paths import tasks_dir
+    def make(original):
+        def __init__(self, *args, **kwargs):
+            from buzz_lm_eval.paths import tasks_dir
 
-        if len(args) >= 2:
-            args = (args[0], with_tasks(args[1], tasks_dir()), *args[2:])
-        else:
-            kwargs["include_path"] = with_tasks(kwargs.get("include_path"), tasks_dir())
-        original(self, *args, **kwargs)
+            if len(args) >= 2:
+                args = (args[0], with_tasks(args[1], tasks_dir()), *args[2:])
+            else:
+                kwargs["include_path"] = with_tasks(kwargs.get("include_path"), tasks_dir())
+            original(self, *args, **kwargs)
 
-    __init__._buzz_tasks = True
-    cls.__init__ = __init__
+        return __init__
+
+    wrap_method(manager_module.TaskManager, "__init__", make)
 
 
 def with_tasks(include_path, ours):
@@ -67,21 +74,18 @@ def with_tasks(include_path, ours):
 
 def key_response_cache(model_module) -> None:
     """Wrap ``CachingLM.__init__``: an LM with ``response_cache_tag()`` gets its own database file."""
-    cls = model_module.CachingLM
-    if getattr(cls.__init__, "_buzz_keyed", False):
-        return
-    original = cls.__init__
 
-    @functools.wraps(original)
-    def __init__(self, lm, cache_db, *args, **kwargs):
-        tag = getattr(lm, "response_cache_tag", None)
-        if callable(tag):
-            root, ext = os.path.splitext(cache_db)
-            cache_db = f"{root}.{tag()}{ext}"
-        original(self, lm, cache_db, *args, **kwargs)
+    def make(original):
+        def __init__(self, lm, cache_db, *args, **kwargs):
+            tag = getattr(lm, "response_cache_tag", None)
+            if callable(tag):
+                root, ext = os.path.splitext(cache_db)
+                cache_db = f"{root}.{tag()}{ext}"
+            original(self, lm, cache_db, *args, **kwargs)
 
-    __init__._buzz_keyed = True
-    cls.__init__ = __init__
+        return __init__
+
+    wrap_method(model_module.CachingLM, "__init__", make)
 
 
 class OnceFilter:
@@ -110,22 +114,21 @@ def name_default_model(tracker_module) -> None:
     import inspect
 
     cls = tracker_module.GeneralConfigTracker
-    if getattr(cls.log_experiment_args, "_buzz_named", False):
-        return
-    original = cls.log_experiment_args
-    signature = inspect.signature(original)
 
-    @functools.wraps(original)
-    def log_experiment_args(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        given = signature.bind(self, *args, **kwargs).arguments
-        if given.get("model_source") == "buzz_hf" and cls._get_model_name(given.get("model_args")) is None:
-            from buzz_lm_eval.paths import DEFAULT_MODEL_NAME
+    def make(original):
+        signature = inspect.signature(original)
 
-            self.model_name = self.model_name_sanitized = DEFAULT_MODEL_NAME
+        def log_experiment_args(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            given = signature.bind(self, *args, **kwargs).arguments
+            if given.get("model_source") == "buzz_hf" and cls._get_model_name(given.get("model_args")) is None:
+                from buzz_lm_eval.paths import DEFAULT_MODEL_NAME
 
-    log_experiment_args._buzz_named = True
-    cls.log_experiment_args = log_experiment_args
+                self.model_name = self.model_name_sanitized = DEFAULT_MODEL_NAME
+
+        return log_experiment_args
+
+    wrap_method(cls, "log_experiment_args", make)
 
 
 AFTER_IMPORT = {

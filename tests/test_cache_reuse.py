@@ -50,26 +50,21 @@ def test_reset_makes_the_cache_new_statistics_included(model):
     assert cache.stats()["tokens_seen"] < used["tokens_seen"]
 
 
-def test_a_used_cache_with_a_shorter_prompt_is_named(model):
-    cache = build_cache(model, "h2o", budget=24)
-    generate(model, cache, prompts(40))
-    with pytest.raises(ValueError, match="EvictingCache: .*already seen 51 tokens.*serves one generate call"):
-        generate(model, cache, prompts(20))
-
-
-def test_a_used_cache_with_another_batch_size_is_named(model):
-    cache = build_cache(model, "streaming", budget=24)
+@pytest.mark.parametrize(
+    "policy, second, message",
+    [
+        ("h2o", prompts(20), "EvictingCache: .*already seen 41 tokens.*serves one generate call"),
+        ("streaming", prompts(60, 70), "EvictingCache: .*serves one generate call.*cache.reset"),  # other batch size
+        pytest.param("buzz", prompts(60), "already seen 41 tokens; an evicting cache serves one generate call",
+                     marks=pytest.mark.skipif(not MARKS_HANDED_CACHES, reason="generate marks the caches it is "
+                                              "handed since transformers 5.17")),  # a longer prompt
+    ],
+)
+def test_a_used_cache_is_named(model, policy, second, message):
+    cache = build_cache(model, policy, budget=24)
     generate(model, cache, prompts(30))
-    with pytest.raises(ValueError, match="EvictingCache: .*serves one generate call.*cache.reset"):
-        generate(model, cache, prompts(60, 70))
-
-
-@pytest.mark.skipif(not MARKS_HANDED_CACHES, reason="generate marks the caches it is handed since transformers 5.17")
-def test_a_used_cache_with_a_longer_prompt_is_named(model):
-    cache = build_cache(model, "buzz", budget=24)
-    generate(model, cache, prompts(30))
-    with pytest.raises(ValueError, match="already seen 41 tokens; an evicting cache serves one generate call"):
-        generate(model, cache, prompts(60))
+    with pytest.raises(ValueError, match=message):
+        generate(model, cache, second)
 
 
 def test_an_empty_prompt_is_named(model):
