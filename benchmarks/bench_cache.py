@@ -20,6 +20,7 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from buzz_lm_eval.cache import EvictingCache, build_cache
+from buzz_lm_eval.compat import cache_kwargs
 from buzz_lm_eval.files import write_atomic
 from buzz_lm_eval.machine import hardware
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
@@ -104,7 +105,7 @@ def sync(device: str) -> None:
 def prefill(model, cache: EvictingCache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     """Feed the context through the cache in chunks; returns the greedy next token [1, 1]."""
     for start in range(0, ids.shape[1], chunk):
-        logits = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids[:, start : start + chunk], **cache_kwargs(model, cache), use_cache=True).logits
     return logits[:, -1:].argmax(-1)
 
 
@@ -118,7 +119,7 @@ def decode(
         before = cache.layers[0].stored()
         sync(device)
         start = time.perf_counter()
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True).logits
         sync(device)
         times.append(time.perf_counter() - start)
         fired += cache.layers[0].stored() < before + 1

@@ -6,7 +6,13 @@ no lm-eval import; microseconds) that acts only when lm-eval itself is imported:
 - after ``lm_eval.models`` runs, it registers ``buzz_hf`` lazily by "module:Class" string, so
   the built-in models stay registered (``get_model`` imports ``lm_eval.models`` first);
 - after ``lm_eval.tasks.manager`` runs, every ``TaskManager`` also indexes this package's
-  task directory, so ``--tasks buzz_*`` works without ``--include_path``.
+  task directory, so ``--tasks buzz_*`` works without ``--include_path``;
+- after ``lm_eval.api.model`` runs, ``--use_cache`` keeps one response file per cache setting
+  for models that name theirs (``response_cache_tag``), so no setting answers for another;
+- after ``lm_eval.api.task`` runs, lm-eval's per-task "Custom kwargs can be passed to
+  ``--metadata``" warning is shown once per process;
+- after ``lm_eval.loggers.evaluation_tracker`` runs, ``buzz_hf`` runs on the shipped model
+  (no ``pretrained=``) are named after it instead of a random id (the output folder's name).
 
 It never raises, and installing it twice is a no-op.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.machinery
+import os
 import sys
 
 MODEL_TARGET = "buzz_lm_eval.hflm:BuzzHFLM"
@@ -27,25 +34,32 @@ def register_model() -> None:
         model_registry.register("buzz_hf", target=MODEL_TARGET)
 
 
+def wrap_method(cls, name: str, make) -> None:
+    """Replace ``cls.<name>`` by ``make(original)``, once: wrapping an already wrapped one is a no-op."""
+    original = getattr(cls, name)
+    if getattr(original, "_buzz_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    wrapper._buzz_wrapped = True
+    setattr(cls, name, wrapper)
+
+
 def add_task_path(manager_module) -> None:
     """Wrap ``TaskManager.__init__`` so our tasks are always on its include path."""
-    cls = manager_module.TaskManager
-    if getattr(cls.__init__, "_buzz_tasks", False):
-        return
-    original = cls.__init__
 
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        from buzz_lm_eval.paths import tasks_dir
+    def make(original):
+        def __init__(self, *args, **kwargs):
+            from buzz_lm_eval.paths import tasks_dir
 
-        if len(args) >= 2:
-            args = (args[0], with_tasks(args[1], tasks_dir()), *args[2:])
-        else:
-            kwargs["include_path"] = with_tasks(kwargs.get("include_path"), tasks_dir())
-        original(self, *args, **kwargs)
+            if len(args) >= 2:
+                args = (args[0], with_tasks(args[1], tasks_dir()), *args[2:])
+            else:
+                kwargs["include_path"] = with_tasks(kwargs.get("include_path"), tasks_dir())
+            original(self, *args, **kwargs)
 
-    __init__._buzz_tasks = True
-    cls.__init__ = __init__
+        return __init__
+
+    wrap_method(manager_module.TaskManager, "__init__", make)
 
 
 def with_tasks(include_path, ours):
@@ -58,9 +72,71 @@ def with_tasks(include_path, ours):
     return paths
 
 
+def key_response_cache(model_module) -> None:
+    """Wrap ``CachingLM.__init__``: an LM with ``response_cache_tag()`` gets its own database file."""
+
+    def make(original):
+        def __init__(self, lm, cache_db, *args, **kwargs):
+            tag = getattr(lm, "response_cache_tag", None)
+            if callable(tag):
+                root, ext = os.path.splitext(cache_db)
+                cache_db = f"{root}.{tag()}{ext}"
+            original(self, lm, cache_db, *args, **kwargs)
+
+        return __init__
+
+    wrap_method(model_module.CachingLM, "__init__", make)
+
+
+class OnceFilter:
+    """A logging filter (any object with ``filter``) letting a record containing ``text`` through once."""
+
+    def __init__(self, text: str):
+        self.text, self.seen = text, False
+
+    def filter(self, record) -> bool:
+        if self.text not in str(record.msg):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def quiet_task_warnings(task_module) -> None:
+    """lm-eval warns about ``--metadata`` for every task with a custom dataset: once is enough."""
+    text = "Custom kwargs can be passed to `--metadata`"
+    logger = task_module.eval_logger
+    if not any(isinstance(f, OnceFilter) and f.text == text for f in logger.filters):
+        logger.addFilter(OnceFilter(text))
+
+
+def name_default_model(tracker_module) -> None:
+    """Name ``buzz_hf`` runs without ``pretrained=`` after the shipped model, not a random id."""
+    import inspect
+
+    cls = tracker_module.GeneralConfigTracker
+
+    def make(original):
+        signature = inspect.signature(original)
+
+        def log_experiment_args(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            given = signature.bind(self, *args, **kwargs).arguments
+            if given.get("model_source") == "buzz_hf" and cls._get_model_name(given.get("model_args")) is None:
+                from buzz_lm_eval.paths import DEFAULT_MODEL_NAME
+
+                self.model_name = self.model_name_sanitized = DEFAULT_MODEL_NAME
+
+        return log_experiment_args
+
+    wrap_method(cls, "log_experiment_args", make)
+
+
 AFTER_IMPORT = {
     "lm_eval.models": lambda module: register_model(),
     "lm_eval.tasks.manager": add_task_path,
+    "lm_eval.api.model": key_response_cache,
+    "lm_eval.api.task": quiet_task_warnings,
+    "lm_eval.loggers.evaluation_tracker": name_default_model,
 }
 
 

@@ -1,7 +1,7 @@
 """An evicting transformers ``Cache``: one policy per layer, applied after every forward.
 
     cache = build_cache(model, "buzz", budget=256)
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=64)  # past_key_values= before 5.24
     cache.stats()
 
 Each ``EvictingLayer`` is a ``DynamicLayer`` that also remembers, for every stored slot, the
@@ -45,6 +45,7 @@ REFUSED_MODEL_TYPES = {
     "deepseek_v3": _MLA,
 }
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+ONE_CACHE = "an evicting cache serves one generate call (build a new one with build_cache, or call cache.reset())"
 
 
 @dataclass
@@ -112,6 +113,11 @@ class EvictingLayer(DynamicLayer):
         self.stats.sync = self.sync_timing and key_states.device.type == "cuda"
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.stored() and key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"EvictingCache: this cache holds {self.keys.shape[0]} sequence(s) but the forward brings "
+                f"{key_states.shape[0]}: {ONE_CACHE}"
+            )
         keys, values = super().update(key_states, value_states)
         new = key_states.shape[-2]
         fresh = torch.arange(self.seen, self.seen + new, device=self.device)
@@ -135,13 +141,21 @@ class EvictingLayer(DynamicLayer):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if query_length == 0:
+            cause = "the prompt is empty" if self.seen == 0 else (
+                f"this cache has already seen {self.seen} tokens, at least as many as the new prompt; {ONE_CACHE}"
+            )
+            raise ValueError(f"EvictingCache: a forward with no new tokens: {cause}")
         stored = self.stored()
         return stored + query_length, self.seen - stored
 
     def reset(self) -> None:
-        super().reset()
+        """Forget every token and statistic: the layer is as new (whatever ``DynamicLayer.reset`` keeps)."""
+        self.keys = self.values = None
+        self.is_initialized = False
         self.state, self.seen, self.positions, self.key_norms = self.policy.new_state(), 0, None, None
         self.evicted = self.padded = False
+        self.stats = LayerStats()
         self.schedule.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -276,7 +290,15 @@ def take_tokens(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class EvictingCache(Cache):
-    """A Cache of ``EvictingLayer``s, one per decoder layer, each running ``policy.for_layer(i, n)``."""
+    """A Cache of ``EvictingLayer``s, one per decoder layer, each running ``policy.for_layer(i, n)``.
+
+    One cache serves one ``generate`` call (or one stream of plain forwards); ``reset()`` makes it
+    new again. Handing a used cache to another ``generate`` is refused (transformers >= 5.17
+    marks the caches it is handed; older 5.x are caught when the prompt is no longer than what
+    the cache has seen, or has another batch size).
+    """
+
+    _handed_to_generate = False
 
     def __init__(
         self,
@@ -295,6 +317,17 @@ class EvictingCache(Cache):
         ])
         self.policy, self.evict = policy, evict
         self.positions = None if not policy.evicts else "original" if rotations[0] is None else "shifted"
+
+    @property
+    def _is_user_defined(self) -> bool:
+        return self._handed_to_generate
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        """``generate`` sets this on every cache it is handed: a used cache is refused there."""
+        if value and self.get_seq_length() > 0:
+            raise ValueError(f"EvictingCache: this cache has already seen {self.get_seq_length()} tokens; {ONE_CACHE}")
+        self._handed_to_generate = value
 
     def stats(self) -> dict:
         """Whole-run statistics as plain ints and floats (see README for definitions)."""

@@ -1,7 +1,7 @@
 """``buzz-lm-eval demo``: watch a BUZZ cache evict during a real ``generate()``, offline.
 
-Runs the shipped stories260K model (a real 260K-parameter Llama trained on TinyStories: it
-writes simple children's-story English) on one prompt, with the full cache and with each
+Runs the shipped stories260K model (a real Llama trained on TinyStories, 292,800 parameters as
+shipped, see ``assets/SOURCES.md``: it writes simple children's-story English) on one prompt, with the full cache and with each
 policy at the same budget, and prints the continuation and the cache statistics.
 """
 
@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .cache import build_cache
+from .compat import cache_kwargs
 from .paths import DEFAULT_MODEL_DIR
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She had a red ball and a small dog."
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for name in args.policies.split(","):
         cache = build_cache(model, name, **({} if name == "full" else {"budget": args.budget}))
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.new_tokens, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=args.new_tokens, do_sample=False)
         text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"--- {cache.policy!r}\n{text.strip()}\n")
         rows.append((name, cache.stats()))

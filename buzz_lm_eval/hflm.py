@@ -3,16 +3,19 @@
     lm_eval --model buzz_hf --model_args pretrained=M,cache=buzz,budget=256 --tasks buzz_cnndm
 
 - ``generate_until``: ``model.generate`` with a fresh evicting cache per batch (left-padded
-  rows are evicted as if alone); ``prefill_chunk`` prefills long prompts in chunks, and then
-  prompts longer than the model's context are streamed instead of left-truncated.
+  rows are evicted as if alone); prompts are prefilled ``prefill_chunk`` tokens at a time
+  (default with a ``budget``: ``default_chunk``), and then prompts longer than the model's
+  context are streamed instead of left-truncated.
 - ``loglikelihood`` / ``loglikelihood_rolling``: the tokens are streamed through the cache
   ``score_chunk`` at a time (1 = token by token), with no truncation; a rolling document is
-  scored as one stream, so perplexity measures the policy.
+  scored as one stream, so perplexity measures the policy. An explicit ``max_length`` brings
+  back lm-eval's own truncation and rolling windows at that length.
 - ``evict=after_prefill`` (the default of snapkv, pyramidkv, knorm, random): generation
   compresses once after the (left-padded) prompt; a log-likelihood request compresses after
   its context and scores its continuation on the compressed cache (requests are run in groups
   of equal context length).
-- ``cache=full`` keeps HFLM's own code paths untouched (identical to ``--model hf``).
+- ``cache=full`` keeps HFLM's own code paths untouched (identical to ``--model hf``) and runs
+  on any model ``hf`` runs.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ import time
 
 import torch
 from lm_eval.api.registry import register_model
-from tqdm import tqdm
 from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
 
 from .cache import build_cache, layer_windows
+from .compat import cache_kwargs
 from .paths import DEFAULT_MODEL_DIR
 from .policies import build_policy
+from .policies.base import integral
 from .positions import check_positions, check_rope_config
 from .regime import check_regime
 from .run_stats import RunStats, full_cache_stats
+from .suggest import did_you_mean
 
 # a child of lm-eval's logger, so the harness's own logging set-up shows our lines
 log = logging.getLogger("lm_eval.buzz_hf")
@@ -51,25 +57,72 @@ PASSTHROUGH_KEYS = (
     "load_in_4bit", "cache_dir", "local_files_only", "token", "use_safetensors", "offload_state_dict",
 )
 UNBOUNDED = sys.maxsize // 4
+CHUNK_CAP = 512  # largest default chunk
 
 
 def _chunk(name: str, value) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"buzz_hf: {name} must be a positive integer, got {value!r}")
+    value = integral("buzz_hf", name, value)
+    if value < 1:
+        raise ValueError(f"buzz_hf: {name} must be >= 1, got {value}")
     return value
+
+
+def default_chunk(budget: int | None) -> int | None:
+    """The prefill and score chunk when a ``budget`` is given and no chunk: ``budget // 4``, in [1, 512].
+
+    The kept tokens then peak at ``budget - 1 + chunk`` (at most 1.25 x budget) while a chunk is
+    in flight, and prompts longer than the model's context are streamed, not truncated.
+    """
+    return None if budget is None else max(1, min(budget // 4, CHUNK_CAP))
+
+
+def plan_cache(cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, evict=None, positions=None, **sizes):
+    """(policy, budget, prefill_chunk, score_chunk, evict, positions) from buzz_hf's cache settings;
+    ValueError if bad."""
+    unknown = sorted(set(sizes) - set(SIZE_KEYS))
+    if unknown:
+        raise ValueError(f"buzz_hf: unknown cache setting(s) {', '.join(unknown)}; valid: {', '.join(OWN_KEYS)}")
+    policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
+    policy.check_bounded()
+    budget = None if budget is None else integral("buzz_hf", "budget", budget)
+    prefill = _chunk("prefill_chunk", prefill_chunk)
+    if prefill is None and policy.evicts:
+        prefill = default_chunk(budget)
+    score = _chunk("score_chunk", score_chunk) or prefill or 64
+    evict = check_regime(evict, None, policy)
+    positions = check_positions(positions) if policy.evicts else None
+    return policy, budget, prefill, score, evict, positions
 
 
 def check_model_args(kwargs: dict) -> None:
     """Reject model_args that neither HFLM, from_pretrained pass-through, nor buzz_hf know."""
     named = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
-    unknown = sorted(set(kwargs) - named - set(OWN_KEYS) - set(PASSTHROUGH_KEYS))
+    valid = named | set(OWN_KEYS) | set(PASSTHROUGH_KEYS)
+    unknown = sorted(set(kwargs) - valid)
     if unknown:
+        names = ", ".join(f"{key}{did_you_mean(key, valid)}" for key in unknown)
         raise ValueError(
-            f"buzz_hf: unknown model_args {', '.join(unknown)}; buzz_hf keys: {', '.join(OWN_KEYS)}; "
-            f"plus every `hf` model_arg ({', '.join(sorted(named))})"
+            f"buzz_hf: unknown model_args {names}; buzz_hf's own keys: {', '.join(OWN_KEYS)}; "
+            "every `--model hf` model_arg (dtype, max_length, batch_size, revision, ...) is accepted too"
         )
+
+
+def check_args(pretrained, cache_args: dict, kwargs: dict) -> None:
+    """Every check ``buzz_hf`` makes before loading weights (``buzz-lm-eval`` runs them before lm-eval starts)."""
+    check_model_args(kwargs)
+    policy, *_, positions = plan_cache(**cache_args)
+    check_pretrained(pretrained, kwargs, policy.evicts, positions)
+
+
+def check_parsed_model_args(model_args: dict) -> None:
+    """``check_args`` on model_args as lm-eval parsed them (a dict of ``BuzzHFLM`` keyword arguments)."""
+    args = inspect.signature(BuzzHFLM.__init__).bind(None, **model_args).arguments
+    kwargs = args.pop("kwargs", {})
+    for key in ("self", "stats_file", "device"):
+        args.pop(key, None)
+    check_args(args.pop("pretrained", None) or str(DEFAULT_MODEL_DIR), args, kwargs)
 
 
 @register_model("buzz_hf")
@@ -101,21 +154,24 @@ class BuzzHFLM(HFLM):
         device: str | None = None,
         **kwargs,
     ):
-        check_model_args(kwargs)
         sizes = dict(sink=sink, window=window, threshold=threshold, stride=stride, heavy=heavy, recent=recent,
                      observation=observation, kernel=kernel, pooling=pooling, beta=beta, capacity=capacity, seed=seed)
-        self.configure_cache(cache, budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk, evict=evict,
-                             positions=positions, **sizes)
-        check_stats_file(stats_file)
+        cache_args = dict(cache=cache, budget=budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk,
+                          evict=evict, positions=positions, **sizes)
         pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
-        config = load_config(pretrained, kwargs) if isinstance(pretrained, str) else pretrained.config
-        text_config = config.get_text_config(decoder=True)
-        layer_windows(text_config)
-        if self.positions == "shifted":
-            check_rope_config(text_config)
+        check_args(pretrained, cache_args, kwargs)
+        check_stats_file(stats_file)
+        self.configure_cache(**cache_args)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.stats_file, self._streaming, self._prompt_length, self._stats_key = stats_file, False, None, None
+        self.stats_file, self._streaming, self._probing = stats_file, False, False
+        self._prompt_length, self._stats_key = None, None
         super().__init__(pretrained=pretrained, device=device, **kwargs)
+        if self.evicting and self._max_length:
+            log.info(
+                "buzz_hf: max_length=%d given: prompts are left-truncated and rolling documents cut into "
+                "windows of that length, as lm-eval does; leave it out to stream whole documents through "
+                "the cache (the paper's WikiText setup)", self._max_length,
+            )
 
     def configure_cache(
         self, cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, evict=None, positions=None,
@@ -125,23 +181,23 @@ class BuzzHFLM(HFLM):
 
         Used by ``__init__`` and by sweeps that keep one loaded model for many policies.
         """
-        unknown = sorted(set(sizes) - set(SIZE_KEYS))
-        if unknown:
-            raise ValueError(f"buzz_hf: unknown cache setting(s) {', '.join(unknown)}; valid: {', '.join(OWN_KEYS)}")
-        self.policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
-        self.evict = check_regime(evict, None, self.policy)
-        self.budget = budget
-        self.positions = check_positions(positions) if self.policy.evicts else None
-        self.prefill_chunk = _chunk("prefill_chunk", prefill_chunk)
-        self.score_chunk = _chunk("score_chunk", score_chunk) or self.prefill_chunk or 64
+        if getattr(self, "_response_cache_tag", None) is not None:
+            raise ValueError(
+                "buzz_hf: lm-eval's response cache (--use_cache) of this model holds the answers of "
+                f"{self.describe_run()}; build another model for another cache setting"
+            )
+        plan = plan_cache(cache, budget, prefill_chunk, score_chunk, evict, positions, **sizes)
+        self.policy, self.budget, self.prefill_chunk, self.score_chunk, self.evict, self.positions = plan
         self.run_stats = RunStats()
         self.task_stats: dict[tuple[str | None, str], RunStats] = {}
         limit = self.policy.max_chunk() if budget is None else None  # a budget holds for any chunk
         if limit is not None and max(self.prefill_chunk or 0, self.score_chunk) > limit:
             log.warning(
                 "buzz_hf: chunks of %s tokens exceed %d, the most one %s eviction absorbs at threshold=%d: "
-                "after such a chunk the cache can hold more than the budget until later steps thin it",
+                "after such a chunk the cache can hold more than sink + window + threshold + 1 = %d tokens "
+                "until later steps thin it",
                 max(self.prefill_chunk or 0, self.score_chunk), limit, self.policy.name, self.policy.threshold,
+                self.policy.sink + self.policy.window + self.policy.threshold + 1,
             )
         log.info("buzz_hf: %s", self.describe_run())
 
@@ -188,6 +244,27 @@ class BuzzHFLM(HFLM):
         info["buzz_cache"] = {**self.cache_settings(), **self.run_stats.summary(), "per_task": per_task}
         return info
 
+    def response_cache_tag(self) -> str:
+        """Names lm-eval's ``--use_cache`` file after the cache setting, so no setting answers for another."""
+        settings = json.dumps(self.cache_settings(), sort_keys=True)
+        return f"buzz_hf-{self.policy.name}-{hashlib.sha1(settings.encode('utf-8')).hexdigest()[:10]}"
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """Accept lm-eval's response cache only when its file is this cache setting's own."""
+        database = getattr(cache_hook, "dbdict", None)
+        if database is not None:
+            tag = self.response_cache_tag()
+            if tag not in str(getattr(database, "filename", "")):
+                raise ValueError(
+                    f"buzz_hf: lm-eval's response cache {getattr(database, 'filename', '')!r} is keyed by the "
+                    f"requests only, not by the cache setting ({self.describe_run()}), so it could hand this run "
+                    "the answers of another; run without --use_cache (the buzz-lm-eval startup hook, which names "
+                    f"the file after the setting, e.g. '...{tag}.db', is not active in this interpreter)"
+                )
+            self._response_cache_tag = tag
+            log.info("buzz_hf: --use_cache responses of this cache setting: %s", database.filename)
+        super().set_cache_hook(cache_hook)
+
     @property
     def max_length(self) -> int:
         """Unbounded while streaming, unless ``max_length`` was given explicitly in model_args."""
@@ -201,6 +278,19 @@ class BuzzHFLM(HFLM):
             yield
         finally:
             self._streaming = previous
+
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        """lm-eval's ``batch_size=auto`` probe; its forwards never count in the statistics.
+
+        Without requests lm-eval probes at ``max_length``: while streaming, that is the
+        model's own context length rather than the unbounded stream.
+        """
+        self._probing = True
+        try:
+            with self.streaming(self._streaming and requests is not None):
+                return super()._detect_batch_size(requests, pos)
+        finally:
+            self._probing = False
 
     # -- request types ------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False):
@@ -275,10 +365,11 @@ class BuzzHFLM(HFLM):
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         cache = None
         if self.evicting:
-            cache = generation_kwargs["past_key_values"] = build_cache(
+            cache = build_cache(
                 self.model, self.policy, evict=self.evict, prompt_length=context.shape[1],  # the left-padded width
                 positions=self.positions,
             )
+            generation_kwargs.update(cache_kwargs(self.model, cache))
             if self.prefill_chunk is not None:
                 generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
         start = time.perf_counter()
@@ -300,7 +391,8 @@ class BuzzHFLM(HFLM):
         with torch.no_grad(), torch.autocast(
             device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
         ):
-            logits = [self.model(input_ids=part, past_key_values=cache).logits for part in self.score_parts(inps)]
+            forward = cache_kwargs(self.model, cache)
+            logits = [self.model(input_ids=part, **forward).logits for part in self.score_parts(inps)]
         self.record("loglikelihood", cache, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
         return torch.cat(logits, dim=1)
 
@@ -316,6 +408,8 @@ class BuzzHFLM(HFLM):
         """Fold one batch's cache statistics into the run and its (task, request type); append it
         to ``stats_file`` if set, with the cache settings, task and process that produced it."""
         task, kind = self._stats_key or (None, kind)
+        if self._probing:
+            return
         if cache is not None:
             stats = cache.stats()
         else:
@@ -343,6 +437,39 @@ def check_stats_file(path: str | None) -> None:
     except OSError as exc:
         raise ValueError(f"buzz_hf: stats_file={path!r} cannot be written ({exc.strerror or exc}); "
                          "give a file in an existing, writable folder") from exc
+
+
+
+def check_pretrained(pretrained, kwargs: dict, evicting: bool, positions: str | None = None) -> None:
+    """Fail before loading weights: a local path that does not exist, or (evicting policies only)
+    an architecture the cache cannot serve. ``cache=full`` runs on any model ``hf`` runs."""
+    if not isinstance(pretrained, str):
+        if evicting:
+            layer_windows(pretrained.config.get_text_config(decoder=True))
+            if positions == "shifted":
+                check_rope_config(pretrained.config.get_text_config(decoder=True))
+        return
+    if not os.path.isdir(pretrained) and not is_hub_id(pretrained):
+        raise ValueError(
+            f"buzz_hf: pretrained={pretrained!r}: no such directory (and not a Hugging Face hub id "
+            "such as 'org/name'); leave pretrained out for the shipped stories260K"
+        )
+    if evicting:
+        text_config = load_config(pretrained, kwargs).get_text_config(decoder=True)
+        layer_windows(text_config)
+        if positions == "shifted":
+            check_rope_config(text_config)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is shaped like a hub repository id (``org/name`` or ``name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def load_config(pretrained: str, kwargs: dict):

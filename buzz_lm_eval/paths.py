@@ -7,6 +7,8 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_DIR = PACKAGE_DIR / "data"
 DEFAULT_MODEL_DIR = PACKAGE_DIR / "assets" / "stories260K"
+# lm-eval's name (and output folder) for runs on the shipped model; see buzz_lm_eval/assets/SOURCES.md
+DEFAULT_MODEL_NAME = DEFAULT_MODEL_DIR.name
 
 
 def tasks_dir() -> Path:

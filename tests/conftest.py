@@ -57,6 +57,7 @@ def pytest_addoption(parser):
         "--device", default="cpu", choices=("cpu", "cuda"),
         help="device for the model tests (cache, policies on models, buzz_hf, CLI); cuda skips all without CUDA",
     )
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (CI does)")
 
 
 def pytest_configure(config):
@@ -74,17 +75,35 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="--device cuda was asked for, but torch sees no CUDA device here")
         for item in items:
             item.add_marker(skip)
+    skip_slow(config, items)
+
+
+def skip_slow(config, items):
+    """Tests marked ``slow`` (lm_eval subprocesses, whole task groups) run only with ``--slow``."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_lm_eval(tmp_path: Path, model: str, model_args: str, task: str, limit: int = 1, extra=(),
+                pretrained: str | None = str(DEFAULT_MODEL_DIR)) -> tuple[Path, str]:
+    """Run the installed ``lm_eval`` console script offline; (its results JSON path, its stderr)."""
+    script = Path(sys.executable).with_name("lm_eval")
+    out = tmp_path / model / model_args.replace(",", "_").replace("=", "-").replace("/", "")[-40:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = ",".join(filter(None, [pretrained and f"pretrained={pretrained}", model_args]))
+    cmd = [str(script), "--model", model, "--model_args", args, "--tasks", task,
+           "--limit", str(limit), "--device", DEVICE.type, "--output_path", str(out), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = out.rglob("results_*.json")
+    return path, done.stderr
 
 
 def lm_eval_cli(tmp_path: Path, model: str, model_args: str, task: str, limit: int = 1) -> dict:
     """Run the installed ``lm_eval`` console script offline and return its results JSON."""
-    script = Path(sys.executable).with_name("lm_eval")
-    out = tmp_path / model / model_args.replace(",", "_").replace("=", "-").replace("/", "")[-40:]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    args = f"pretrained={DEFAULT_MODEL_DIR},{model_args}".rstrip(",")
-    cmd = [str(script), "--model", model, "--model_args", args, "--tasks", task,
-           "--limit", str(limit), "--device", DEVICE.type, "--output_path", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [path] = out.rglob("results_*.json")
+    path, _ = run_lm_eval(tmp_path, model, model_args, task, limit)
     return json.loads(path.read_text())

@@ -202,16 +202,40 @@ def test_budget_split_and_explicit_sizes():
         build_policy("buzz", budget=256, sink=4, window=100, threshold=100)
     with pytest.raises(ValueError, match="budget=5 is too small"):
         build_policy("buzz", budget=5)
-    with pytest.raises(ValueError, match="stride=2"):
+    with pytest.raises(ValueError, match="stride=2 never thins earlier samples.*use stride >= 3"):
         build_policy("buzz", budget=256, stride=2)
+
+
+def test_integral_floats_count_as_integers():
+    """lm-eval's CLI reads ``window=160`` as 160 but ``window=-5`` as -5.0: integral floats are integers."""
+    policy = build_policy("buzz", budget=128.0, stride=3.0)
+    assert policy.sizes() == build_policy("buzz", budget=128, stride=3).sizes()
+    assert all(type(value) is int for value in policy.sizes().values())
+
+
+@pytest.mark.parametrize("name", ["buzz", "buzz_fast", "buzz_nomax"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_stride_below_three_grows_without_bound_and_is_refused_with_a_budget(name, stride):
+    policy = build_policy(name, sink=1, window=2, threshold=8, stride=stride)  # explicit sizes: paper mode
+    _, length = run_decode(policy, prompt=12, steps=300)
+    assert length > 100  # bounded would be <= 1 + 2 + 8 + 1; old samples are never thinned, so it grows
+    with pytest.raises(ValueError, match="grows without bound"):
+        policy.check_bounded()
+    for budget in (64, 4096):
+        with pytest.raises(ValueError, match=f"stride={stride} never thins.*use stride >= 3"):
+            build_policy(name, budget=budget, stride=stride)
+    build_policy(name, budget=64, stride=3).check_bounded()  # the advice works
 
 
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [
-        ("buzzz", {}, "unknown cache policy 'buzzz'; valid policies: full, local"),
-        ("buzz", {"heavy": 3}, "unknown parameter.*heavy.*valid: sink, window, threshold, stride, budget"),
+        ("buzzz", {}, r"unknown cache policy 'buzzz' \(did you mean 'buzz'\?\); valid policies: full, local"),
+        ("buzz", {"heavy": 3}, "unknown parameter.*heavy; valid: sink, window, threshold, stride, budget"),
+        ("buzz", {"widow": 3}, r"unknown parameter\(s\) widow \(did you mean 'window'\?\)"),
+        ("streaming", {"window": -5.0}, "streaming: window must be >= 1, got -5$"),
+        ("buzz", {"budget": 64.5}, "buzz: budget must be an integer, got 64.5"),
         ("buzz", {"window": -1}, "window must be >= 1, got -1"),
         ("buzz", {"sink": -4}, "sink must be >= 0, got -4"),
         ("buzz", {"stride": 0}, "stride must be >= 1, got 0"),

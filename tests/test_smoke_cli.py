@@ -11,6 +11,7 @@ STATS = ("kept_tokens_peak", "kept_tokens_mean", "kv_bytes_peak", "kv_bytes_mean
          "evict_seconds", "tokens_per_second")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["full", "streaming", "h2o", "buzz"])
 def test_buzz_smoke_group_reports_every_metric_and_the_cache(tmp_path, cache):
     model_args = "cache=full" if cache == "full" else f"cache={cache},budget=64,prefill_chunk=64"

@@ -254,12 +254,13 @@ def test_unusable_data_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------- (c) end to end
 
 
+@pytest.mark.slow
 def test_end_to_end_buzz_smoke():
     import lm_eval
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 260K-parameter model runs fastest on one thread
+    torch.set_num_threads(1)  # a 292,800-parameter model runs fastest on one thread
     try:
         out = _run_buzz_smoke(lm_eval)
     finally:

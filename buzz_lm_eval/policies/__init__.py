@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from .base import Policy, PolicyState
+from ..suggest import did_you_mean
+from .base import Policy, PolicyState, integral
 from .buzz import BuzzPolicy
 from .buzz_fast import BuzzFastPolicy
 from .buzz_nomax import BuzzNoMaxPolicy
@@ -38,21 +39,30 @@ def policy_keys(name: str) -> tuple[str, ...]:
 
 def policy_class(name: str) -> type[Policy]:
     if name not in POLICIES:
-        raise ValueError(f"unknown cache policy {name!r}; valid policies: {', '.join(POLICY_NAMES)}")
+        raise ValueError(
+            f"unknown cache policy {name!r}{did_you_mean(name, POLICY_NAMES)}; valid policies: {', '.join(POLICY_NAMES)}"
+        )
     return POLICIES[name]
 
 
 def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
-    """Build a policy from explicit sizes, or derive its sizes from one KV-token ``budget``."""
+    """Build a policy from explicit sizes, or derive its sizes from one KV-token ``budget``.
+
+    Sizes and budget are integers; floats with an integral value (as lm-eval's CLI parses ``-5``)
+    count as those integers.
+    """
     cls = policy_class(name)
     unknown = sorted(set(sizes) - set(cls.params))
     if budget is not None and cls is FullPolicy:
         raise ValueError("full has no budget: it keeps every token (drop budget=, or pick another policy)")
     if unknown:
-        valid = ", ".join(policy_keys(name)) or "none"
-        raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
+        valid = policy_keys(name)
+        hint = did_you_mean(unknown[0], valid) if len(unknown) == 1 else ""
+        raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}{hint}; valid: {', '.join(valid) or 'none'}")
+    sizes = {key: integral(name, key, value) for key, value in sizes.items()}
     if budget is None:
         return cls(**sizes)
+    budget = integral(name, "budget", budget)
     policy = cls.from_budget(budget, **sizes)
     policy.budget = budget  # a guarantee: the cache repeats eviction rounds until it holds
     return policy

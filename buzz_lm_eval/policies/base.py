@@ -196,6 +196,9 @@ class Policy:
         """Largest forward whose eviction always restores the size bound (None: any size)."""
         return None
 
+    def check_bounded(self) -> None:
+        """ValueError when these sizes let the cache grow without bound (no policy here does by default)."""
+
     def sizes(self) -> dict[str, int | str]:
         """The policy's sizes (plain ints; ``pooling`` is a name) for logs and result files."""
         return {p: getattr(self, p) for p in self.params}
@@ -248,6 +251,15 @@ def real_slots(n_real: torch.Tensor, width: int) -> torch.Tensor:
     """[B, 1, width] bool: True for the trailing ``n_real`` slots of each row."""
     slots = torch.arange(width, device=n_real.device).view(1, 1, width)
     return slots >= (width - n_real).view(-1, 1, 1)
+
+
+def integral(owner: str, key: str, value) -> int:
+    """``value`` as an int: an int, or a float with an integral value (lm-eval's CLI reads "-5" as -5.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{owner}: {key} must be an integer, got {value!r}")
+    return value
 
 
 def check_sizes(policy: str, values: dict, minimum: dict) -> None:

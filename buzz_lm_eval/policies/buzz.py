@@ -23,8 +23,12 @@ class BuzzPolicy(Policy):
     Budget N: ``sink`` (default 4) stays, and ``window + threshold = N - 1 - sink`` is split
     160:400 like the authors' defaults. A decode step then holds at most
     ``sink + window + threshold + 1 = N`` tokens, which needs the middle to shrink back to
-    ``<= threshold`` after each eviction: ``from_budget`` checks that for the given stride
-    (it fails for stride < 3, where earlier samples are never thinned).
+    ``<= threshold`` after each eviction: ``from_budget`` checks that for the given stride.
+
+    With ``stride < 3`` earlier samples are never thinned (every ``(stride + 1) // 2 = 1``-st is
+    kept), so the cache grows without bound whatever the sizes; the authors' code accepts that
+    and grows. ``from_budget`` and ``buzz_hf`` refuse it (``check_bounded``); explicit sizes
+    still build it, for the spec's worked example and reproducing the authors' runs.
     """
 
     name = "buzz"
@@ -41,6 +45,7 @@ class BuzzPolicy(Policy):
     @classmethod
     def from_budget(cls, budget: int, sink=None, window=None, threshold=None, stride=None) -> "BuzzPolicy":
         stride = DEFAULTS["stride"] if stride is None else stride
+        cls(stride=stride).check_bounded()
         given = {"sink": sink, "window": window, "threshold": threshold}
         weights = {"window": DEFAULTS["window"], "threshold": DEFAULTS["threshold"]}
         policy = cls(**split_budget(cls.name, budget, given, {"sink": DEFAULTS["sink"]}, weights), stride=stride)
@@ -49,9 +54,19 @@ class BuzzPolicy(Policy):
             raise ValueError(
                 f"{cls.name}: budget={budget} cannot be kept at stride={stride}: with threshold="
                 f"{policy.threshold} the middle can still hold {worst} tokens after an eviction "
-                f"(choose a larger budget, or stride >= 3)"
+                f"(choose a larger budget, or a larger threshold)"
             )
         return policy
+
+    def check_bounded(self) -> None:
+        """Refuse ``stride < 3``: earlier samples are then never thinned and the cache grows without bound."""
+        if self.thin < 2:
+            raise ValueError(
+                f"{self.name}: stride={self.stride} never thins earlier samples (the thinning step "
+                f"(stride + 1) // 2 is {self.thin}: every one is kept), so the cache grows without bound whatever the "
+                f"budget or threshold (the authors' code accepts this stride and grows too); use stride >= 3 "
+                f"(the authors' default is {DEFAULTS['stride']})"
+            )
 
     def worst_middle_after_eviction(self) -> int:
         """Largest middle size an eviction can leave when it fires at ``threshold + 1`` tokens."""
