@@ -70,7 +70,8 @@ def _chunk(name: str, value) -> int | None:
 
 
 def default_chunk(budget: int | None) -> int | None:
-    """The prefill and score chunk when a ``budget`` is given and no chunk: ``budget // 4``, in [1, 512].
+    """The prefill and score chunk when a ``budget`` is given and no chunk (``evict=every_forward``):
+    ``budget // 4``, in [1, 512].
 
     The kept tokens then peak at ``budget - 1 + chunk`` (at most 1.25 x budget) while a chunk is
     in flight, and prompts longer than the model's context are streamed, not truncated.
@@ -87,12 +88,12 @@ def plan_cache(cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, 
     policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
     policy.check_bounded()
     budget = None if budget is None else integral("buzz_hf", "budget", budget)
-    prefill = _chunk("prefill_chunk", prefill_chunk)
-    if prefill is None and policy.evicts:
-        prefill = default_chunk(budget)
-    score = _chunk("score_chunk", score_chunk) or prefill or 64
     evict = check_regime(evict, None, policy)
     positions = check_positions(positions) if policy.evicts else None
+    prefill = _chunk("prefill_chunk", prefill_chunk)
+    if prefill is None and policy.evicts and evict == "every_forward":
+        prefill = default_chunk(budget)  # after_prefill reads the prompt whole before it compresses
+    score = _chunk("score_chunk", score_chunk) or prefill or 64
     return policy, budget, prefill, score, evict, positions
 
 
@@ -159,8 +160,8 @@ class BuzzHFLM(HFLM):
         cache_args = dict(cache=cache, budget=budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk,
                           evict=evict, positions=positions, **sizes)
         pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
-        check_args(pretrained, cache_args, kwargs)
         check_stats_file(stats_file)
+        check_args(pretrained, cache_args, kwargs)
         self.configure_cache(**cache_args)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.stats_file, self._streaming, self._probing = stats_file, False, False

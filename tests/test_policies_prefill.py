@@ -217,7 +217,7 @@ def test_budget_rule_for_the_new_policies():
         ("pyramidkv", {"beta": 0}, "beta must be >= 1, got 0"),
         ("tova", {"capacity": 0}, "capacity must be >= 1, got 0"),
         ("tova", {"budget": 10, "capacity": 5}, "capacity=5 add up to 5.*needs 9"),
-        ("knorm", {"capacity": 2.0}, "capacity must be an integer, got 2.0"),
+        ("knorm", {"capacity": 2.5}, "capacity must be an integer, got 2.5"),
         ("random", {"seed": -1}, "seed must be >= 0, got -1"),
     ],
 )

@@ -247,7 +247,8 @@ def test_two_tasks_with_their_own_statistics_and_samples(tmp_path, capsys):
     wiki = next(row for row in rows if row["task"] == TASK)
     xsum = next(row for row in rows if row["task"] == "buzz_xsum_smoke")
     assert wiki["stats_scope"] == xsum["stats_scope"] == "task"
-    assert wiki["kept_tokens_peak"] <= 32 - 1 + 64 < xsum["kept_tokens_peak"]
+    # WikiText streams in score chunks of 64; XSum prefills in the default chunks of 32 // 4 = 8
+    assert xsum["kept_tokens_peak"] <= 32 - 1 + 8 < wiki["kept_tokens_peak"] <= 32 - 1 + 64
     assert wiki["compression_ratio"] != pytest.approx(xsum["compression_ratio"])
     assert wiki["kept_tokens_peak"] == per_task[TASK]["loglikelihood_rolling"]["kept_tokens_peak"]
 

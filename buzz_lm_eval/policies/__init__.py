@@ -59,7 +59,9 @@ def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
         valid = policy_keys(name)
         hint = did_you_mean(unknown[0], valid) if len(unknown) == 1 else ""
         raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}{hint}; valid: {', '.join(valid) or 'none'}")
-    sizes = {key: integral(name, key, value) for key, value in sizes.items()}
+    # integral floats become ints; anything else goes to the policy's own checks (pooling is a name)
+    sizes = {key: int(value) if isinstance(value, float) and value.is_integer() else value
+             for key, value in sizes.items()}
     if budget is None:
         return cls(**sizes)
     budget = integral(name, "budget", budget)
