@@ -30,20 +30,28 @@ SHAPES = {  # randomly initialised Llama shapes, values in SHAPE_KEYS order
     "tiny": dict(zip(SHAPE_KEYS, (256, 688, 4, 8, 4))),
     "wide": dict(zip(SHAPE_KEYS, (2048, 5632, 2, 16, 8))),
     "llama7b": dict(zip(SHAPE_KEYS, (4096, 11008, 32, 32, 32))),
+    "llama1b": dict(zip(SHAPE_KEYS, (2048, 8192, 16, 32, 8))),  # Llama-3.2-1B-shaped
+    "llama8b": dict(zip(SHAPE_KEYS, (4096, 14336, 32, 32, 8))),  # Llama-3.1-8B-shaped
 }
+SCORE_POLICIES = ("h2o", "buzz", "buzz_fast", "snapkv", "pyramidkv", "tova")
+TARGET_PREFILL, TARGET_DECODE_GPU = 1.2, 1.5  # x the full cache: prefill at most, decode tokens/s at least
 SELECTION_SHAPE = (1, 32, 1, 4096)  # [B, H_kv, q, L] random scores for the selection micro-benchmark
 TARGET_SPEEDUP, TARGET_SHARE, TARGET_LENGTH = 100.0, 3.0, 4096
 
 
 DEFAULTS = {"lengths": [1024, 4096, 16384], "budgets": [256, 1024], "steps": 32}
 QUICK = {"lengths": [512, 1024], "budgets": [256], "steps": 8}
+CUDA = {"lengths": [4096, 16384, 32768], "budgets": [512, 1024, 2048], "steps": 32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float32 on cpu, float16 on cuda")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--shape", choices=tuple(SHAPES), help="random Llama shape (default: tiny on cpu, llama1b on cuda)")
+    p.add_argument("--evict", choices=("every_forward", "after_prefill", "default"), default="every_forward",
+                   help="eviction regime of every policy (default: every_forward; 'default': each policy's own)")
     p.add_argument("--lengths", type=ints, help=f"context lengths in tokens (default {DEFAULTS['lengths']})")
     p.add_argument("--budgets", type=ints, help=f"KV-token budgets of non-full policies (default {DEFAULTS['budgets']})")
     p.add_argument("--steps", type=int, help=f"timed decode steps per case (default {DEFAULTS['steps']})")
@@ -55,13 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"smoke run; defaults become {QUICK}")
     p.add_argument("--json", help="also write all numbers to this JSON file (atomic)")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
+    defaults = QUICK if args.quick else CUDA if args.device == "cuda" else DEFAULTS
+    for key, value in defaults.items():
         if getattr(args, key) is None:  # explicit options win over --quick
             setattr(args, key, value)
     unknown = sorted(set(args.policies) - set(POLICY_NAMES))
     if unknown:
         p.error(f"unknown policies {unknown}; valid: {', '.join(POLICY_NAMES)}")
-    args.dtype = getattr(torch, args.dtype or ("float16" if args.device == "cuda" else "float32"))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device on this machine")
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     return args
 
 
@@ -84,7 +95,8 @@ def load_model(shape: str | None, args: argparse.Namespace):
     """A random Llama of the named shape, or the --pretrained model, in eval mode on the device."""
     if shape is None:
         return AutoModelForCausalLM.from_pretrained(args.pretrained, dtype=args.dtype).to(args.device).eval()
-    config = LlamaConfig(vocab_size=1000 if shape != "llama7b" else 32000, max_position_embeddings=32768, **SHAPES[shape])
+    vocab = 32000 if shape.startswith("llama") else 1000
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=65536, **SHAPES[shape])
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(args.dtype)  # initialise directly in the target dtype and device
@@ -130,7 +142,11 @@ def decode(
 def run_case(model, name: str, policy: str, budget: int | None, length: int, steps: int, args) -> dict:
     """Prefill ``length`` random tokens, then time ``steps`` decode steps; one result row."""
     sizes = {} if budget is None else {"budget": budget}
+    if budget is not None and args.evict != "default":
+        sizes["evict"] = args.evict
     cache = build_cache(model, policy, sync_timing=args.device == "cuda", **sizes)  # exact evict_seconds on GPU
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
     start = time.perf_counter()
     token = prefill(model, cache, ids.to(args.device), args.chunk)
@@ -151,7 +167,17 @@ def run_case(model, name: str, policy: str, budget: int | None, length: int, ste
         "evictions": fired, "peak_tokens_prefill": prefill_peak, "peak_tokens_decode": stats["kept_tokens_peak"],
         "within_budget": None if budget is None else stats["kept_tokens_peak"] <= budget,
         "kv_bytes_peak": stats["kv_bytes_peak"], "compression_ratio": stats["compression_ratio"],
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None,
     }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's prefill time and decode speed against the full cache at the same length."""
+    full = {row["length"]: row for row in rows if row["policy"] == "full"}
+    for row in rows:
+        ref = full.get(row["length"])
+        row["prefill_x_full"] = row["prefill_s"] / ref["prefill_s"] if ref else None
+        row["decode_x_full"] = ref["step_ms"] / row["step_ms"] if ref else None
 
 
 def policy_budgets(policies: list[str], budgets: list[int]) -> list[tuple[str, int | None]]:
@@ -214,13 +240,15 @@ COLUMNS = [  # (header, key, format)
     ("peak tok prefill", "peak_tokens_prefill", "{}"),
     ("peak tok decode", "peak_tokens_decode", "{}"), ("<= budget", "within_budget", "{}"),
     ("KV MiB peak", "kv_bytes_peak", "{}"), ("compression", "compression_ratio", "{:.1f}x"),
+    ("prefill x full", "prefill_x_full", "{:.2f}"), ("decode speed x full", "decode_x_full", "{:.2f}"),
+    ("GPU MiB peak", "gpu_peak_bytes", "{}"),
 ]
 
 
 def cell(key: str, fmt: str, value) -> str:
     if value is None:
         return "-"
-    if key == "kv_bytes_peak":
+    if key in ("kv_bytes_peak", "gpu_peak_bytes"):
         return f"{value / 2**20:.2f}"
     if key == "within_budget":
         return "yes" if value else "**NO**"
@@ -255,6 +283,24 @@ def target_lines(selection: dict, share_rows: list[dict], rows: list[dict]) -> l
     bad = [f"{r['model']}/{r['length']}/{r['budget']}: {r['peak_tokens_decode']}" for r in buzz if not r["within_budget"]]
     lines.append(f"- {verdict(bool(buzz) and not bad)} buzz decode-phase peak kept tokens <= budget at every length "
                  f"({len(buzz)} cases{'; over: ' + ', '.join(bad) if bad else ''})")
+    return lines + speed_target_lines(rows)
+
+
+def speed_target_lines(rows: list[dict]) -> list[str]:
+    """Prefill of score policies <= 1.2x full (contexts >= 4k); on CUDA, buzz decode >= 1.5x full at 32k."""
+    lines = []
+    judged = [r for r in rows if r["policy"] in SCORE_POLICIES and r["length"] >= 4096 and r["prefill_x_full"]]
+    for row in judged:
+        lines.append(f"- {verdict(row['prefill_x_full'] <= TARGET_PREFILL)} {row['policy']} (budget {row['budget']}) "
+                     f"chunked prefill of {row['length']} tokens <= {TARGET_PREFILL}x the full cache's: "
+                     f"{row['prefill_x_full']:.2f}x")
+    if not judged:
+        lines.append("- info: no score-policy prefill at >= 4096 tokens in this run (prefill target not judged)")
+    gpu = [r for r in rows if r["policy"] == "buzz" and r["budget"] == 1024 and r["length"] >= 32768
+           and r["gpu_peak_bytes"] is not None and r["decode_x_full"]]
+    for row in gpu:
+        lines.append(f"- {verdict(row['decode_x_full'] >= TARGET_DECODE_GPU)} buzz budget 1024 decode at "
+                     f"{row['length']} tokens >= {TARGET_DECODE_GPU}x the full cache's tokens/s: {row['decode_x_full']:.2f}x")
     return lines
 
 
@@ -265,7 +311,7 @@ def main(argv=None) -> None:
     began = time.perf_counter()
     print("# buzz-lm-eval cache benchmark\n")
     print("\n".join(machine_header(args.device)))
-    main_shape = None if args.pretrained else ("llama7b" if args.device == "cuda" else "tiny")
+    main_shape = None if args.pretrained else args.shape or ("llama1b" if args.device == "cuda" else "tiny")
     name = args.pretrained or main_shape
     print(f"- model: {name}, dtype {str(args.dtype).split('.')[-1]}, prefill chunk {args.chunk}, "
           f"{args.steps} timed decode steps after {args.warmup} warm-up steps\n")
@@ -283,7 +329,8 @@ def main(argv=None) -> None:
     for length in args.lengths:
         for policy, budget in policy_budgets(args.policies, args.budgets):
             rows.append(run_case(model, name, policy, budget, length, args.steps, args))
-    print("## Decode-phase cost and KV memory\n")
+    add_ratios(rows)
+    print(f"## Decode-phase cost and KV memory (evict: {args.evict})\n")
     print(markdown(rows) + "\n", flush=True)
 
     target_budget, target_length = max(args.budgets), min(TARGET_LENGTH, max(args.lengths))

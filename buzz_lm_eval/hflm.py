@@ -35,86 +35,27 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from .cache import build_cache, layer_windows
+from .cache import build_cache
 from .compat import cache_kwargs
+from .model_args import SIZE_KEYS, check_args, check_stats_file, plan_cache
 from .paths import DEFAULT_MODEL_DIR
-from .policies import build_policy
-from .policies.base import integral
-from .positions import check_positions, check_rope_config
-from .regime import check_regime
 from .run_stats import RunStats, full_cache_stats
-from .suggest import did_you_mean
 
 # a child of lm-eval's logger, so the harness's own logging set-up shows our lines
 log = logging.getLogger("lm_eval.buzz_hf")
 
-SIZE_KEYS = ("sink", "window", "threshold", "stride", "heavy", "recent", "observation", "kernel", "pooling", "beta",
-             "capacity", "seed")
-OWN_KEYS = ("cache", "budget", *SIZE_KEYS, "evict", "positions", "prefill_chunk", "score_chunk", "stats_file")
-# from_pretrained keywords HFLM forwards and that we let through as well
-PASSTHROUGH_KEYS = (
-    "attn_implementation", "device_map", "low_cpu_mem_usage", "quantization_config", "load_in_8bit",
-    "load_in_4bit", "cache_dir", "local_files_only", "token", "use_safetensors", "offload_state_dict",
-)
 UNBOUNDED = sys.maxsize // 4
-CHUNK_CAP = 512  # largest default chunk
 
 
-def _chunk(name: str, value) -> int | None:
-    if value is None:
-        return None
-    value = integral("buzz_hf", name, value)
-    if value < 1:
-        raise ValueError(f"buzz_hf: {name} must be >= 1, got {value}")
-    return value
-
-
-def default_chunk(budget: int | None) -> int | None:
-    """The prefill and score chunk when a ``budget`` is given and no chunk (``evict=every_forward``):
-    ``budget // 4``, in [1, 512].
-
-    The kept tokens then peak at ``budget - 1 + chunk`` (at most 1.25 x budget) while a chunk is
-    in flight, and prompts longer than the model's context are streamed, not truncated.
-    """
-    return None if budget is None else max(1, min(budget // 4, CHUNK_CAP))
-
-
-def plan_cache(cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, evict=None, positions=None, **sizes):
-    """(policy, budget, prefill_chunk, score_chunk, evict, positions) from buzz_hf's cache settings;
-    ValueError if bad."""
-    unknown = sorted(set(sizes) - set(SIZE_KEYS))
-    if unknown:
-        raise ValueError(f"buzz_hf: unknown cache setting(s) {', '.join(unknown)}; valid: {', '.join(OWN_KEYS)}")
-    policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
-    policy.check_bounded()
-    budget = None if budget is None else integral("buzz_hf", "budget", budget)
-    evict = check_regime(evict, None, policy)
-    positions = check_positions(positions) if policy.evicts else None
-    prefill = _chunk("prefill_chunk", prefill_chunk)
-    if prefill is None and policy.evicts and evict == "every_forward":
-        prefill = default_chunk(budget)  # after_prefill reads the prompt whole before it compresses
-    score = _chunk("score_chunk", score_chunk) or prefill or 64
-    return policy, budget, prefill, score, evict, positions
-
-
-def check_model_args(kwargs: dict) -> None:
-    """Reject model_args that neither HFLM, from_pretrained pass-through, nor buzz_hf know."""
-    named = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
-    valid = named | set(OWN_KEYS) | set(PASSTHROUGH_KEYS)
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        names = ", ".join(f"{key}{did_you_mean(key, valid)}" for key in unknown)
-        raise ValueError(
-            f"buzz_hf: unknown model_args {names}; buzz_hf's own keys: {', '.join(OWN_KEYS)}; "
-            "every `--model hf` model_arg (dtype, max_length, batch_size, revision, ...) is accepted too"
-        )
-
-
-def check_args(pretrained, cache_args: dict, kwargs: dict) -> None:
-    """Every check ``buzz_hf`` makes before loading weights (``buzz-lm-eval`` runs them before lm-eval starts)."""
-    check_model_args(kwargs)
-    policy, *_, positions = plan_cache(**cache_args)
-    check_pretrained(pretrained, kwargs, policy.evicts, positions)
+@contextlib.contextmanager
+def temporarily(owner, attribute: str, value):
+    """Set ``owner.attribute`` to ``value`` for the duration of a ``with`` block."""
+    previous = getattr(owner, attribute)
+    setattr(owner, attribute, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, previous)
 
 
 def check_parsed_model_args(model_args: dict) -> None:
@@ -271,14 +212,9 @@ class BuzzHFLM(HFLM):
         """Unbounded while streaming, unless ``max_length`` was given explicitly in model_args."""
         return UNBOUNDED if self._streaming and not self._max_length else super().max_length
 
-    @contextlib.contextmanager
     def streaming(self, enabled: bool):
         """While enabled, lm-eval neither truncates nor windows: the cache bounds the memory."""
-        previous, self._streaming = self._streaming, enabled
-        try:
-            yield
-        finally:
-            self._streaming = previous
+        return temporarily(self, "_streaming", enabled)
 
     def _detect_batch_size(self, requests=None, pos: int = 0):
         """lm-eval's ``batch_size=auto`` probe; its forwards never count in the statistics.
@@ -286,12 +222,8 @@ class BuzzHFLM(HFLM):
         Without requests lm-eval probes at ``max_length``: while streaming, that is the
         model's own context length rather than the unbounded stream.
         """
-        self._probing = True
-        try:
-            with self.streaming(self._streaming and requests is not None):
-                return super()._detect_batch_size(requests, pos)
-        finally:
-            self._probing = False
+        with temporarily(self, "_probing", True), self.streaming(self._streaming and requests is not None):
+            return super()._detect_batch_size(requests, pos)
 
     # -- request types ------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False):
@@ -350,14 +282,9 @@ class BuzzHFLM(HFLM):
         fed = min(len(context) + len(continuation), self.max_length + 1) - 1
         return max(1, fed - len(continuation) + 1)
 
-    @contextlib.contextmanager
     def prompt(self, length: int):
         """While set, ``_model_call`` compresses after the first ``length`` tokens of every row."""
-        previous, self._prompt_length = self._prompt_length, length
-        try:
-            yield
-        finally:
-            self._prompt_length = previous
+        return temporarily(self, "_prompt_length", length)
 
     def tok_batch_encode(self, strings, *args, **kwargs):
         self._batch_texts = list(strings)
@@ -426,61 +353,3 @@ class BuzzHFLM(HFLM):
                 entry["context_sha1"] = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
             with open(self.stats_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
-
-
-def check_stats_file(path: str | None) -> None:
-    """Fail before the model loads when ``stats_file`` cannot be appended to."""
-    if path is None:
-        return
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"buzz_hf: stats_file={path!r} cannot be written ({exc.strerror or exc}); "
-                         "give a file in an existing, writable folder") from exc
-
-
-
-def check_pretrained(pretrained, kwargs: dict, evicting: bool, positions: str | None = None) -> None:
-    """Fail before loading weights: a local path that does not exist, or (evicting policies only)
-    an architecture the cache cannot serve. ``cache=full`` runs on any model ``hf`` runs."""
-    if not isinstance(pretrained, str):
-        if evicting:
-            layer_windows(pretrained.config.get_text_config(decoder=True))
-            if positions == "shifted":
-                check_rope_config(pretrained.config.get_text_config(decoder=True))
-        return
-    if not os.path.isdir(pretrained) and not is_hub_id(pretrained):
-        raise ValueError(
-            f"buzz_hf: pretrained={pretrained!r}: no such directory (and not a Hugging Face hub id "
-            "such as 'org/name'); leave pretrained out for the shipped stories260K"
-        )
-    if evicting:
-        text_config = load_config(pretrained, kwargs).get_text_config(decoder=True)
-        layer_windows(text_config)
-        if positions == "shifted":
-            check_rope_config(text_config)
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether ``name`` is shaped like a hub repository id (``org/name`` or ``name``)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def load_config(pretrained: str, kwargs: dict):
-    """Only the model's config, read the way HFLM will read it (to check it before any weight loads)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(
-        pretrained,
-        revision=kwargs.get("revision") or "main",
-        trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-        subfolder=kwargs.get("subfolder") or "",
-    )
-    return config

@@ -35,7 +35,8 @@ from typing import Any
 
 from buzz_lm_eval import sweep_resume
 from buzz_lm_eval.files import write_atomic
-from buzz_lm_eval.hflm import OWN_KEYS, BuzzHFLM
+from buzz_lm_eval.hflm import BuzzHFLM
+from buzz_lm_eval.model_args import OWN_KEYS
 from buzz_lm_eval.machine import hardware
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy

@@ -52,6 +52,39 @@ def stories():
     return model, tokenizer
 
 
+def eager_logits_and_probs(model, ids):
+    """The model's own eager attention on ``ids``: logits and per-layer probabilities."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=ids, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+    return out.logits, out.attentions
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """The query counts of every one-pass attention-with-scores call made while the test runs."""
+    from buzz_lm_eval import attention
+
+    calls, real = [], attention.attention_with_scores
+    monkeypatch.setattr(attention, "attention_with_scores", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
+    return calls
+
+
+def load_task_module(relative: str, name: str):
+    """A module of this package's task folder (task utils are files, not an importable package)."""
+    import importlib.util
+
+    from buzz_lm_eval.paths import tasks_dir
+
+    spec = importlib.util.spec_from_file_location(name, tasks_dir() / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--device", default="cpu", choices=("cpu", "cuda"),

@@ -10,7 +10,7 @@ from buzz_lm_eval import attention
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.policies import POLICY_NAMES
 
-from .conftest import CONFIGS, on_device, tiny_model
+from .conftest import CONFIGS, eager_logits_and_probs, on_device, tiny_model
 
 EVICTING = [name for name in POLICY_NAMES if name != "full"]
 STORY = (
@@ -36,9 +36,8 @@ def random_batch(lengths, vocab=128, seed=0):
     return {"input_ids": on_device(ids), "attention_mask": on_device(mask)}
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
-def test_full_policy_is_bit_exact(arch):
-    model = tiny_model(arch)
+def assert_full_is_bit_exact(model):
+    """``full`` through build_cache gives exactly the tokens and logits of running without it."""
     batch = random_batch([40, 29, 35])
     reference = greedy(model, batch)
     assert torch.equal(greedy(model, batch, build_cache(model, "full")), reference)
@@ -46,6 +45,11 @@ def test_full_policy_is_bit_exact(arch):
     plain = model(input_ids=ids).logits
     cached = model(input_ids=ids, past_key_values=build_cache(model, "full")).logits
     assert torch.equal(plain, cached)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_full_policy_is_bit_exact(arch):
+    assert_full_is_bit_exact(tiny_model(arch))
 
 
 def test_full_policy_leaves_the_models_own_attention_alone():
@@ -57,17 +61,25 @@ def test_full_policy_leaves_the_models_own_attention_alone():
     assert model.config._attn_implementation == "eager"
 
 
+def assert_batch_matches_alone(model, lengths, new=30, seed=3, generate=None, alone_args=None, **cache_args):
+    """Greedy tokens of a left-padded batch equal each prompt run alone, row by row.
+
+    ``alone_args(n)`` adds cache arguments for a prompt of n tokens run alone (e.g. its prompt length).
+    """
+    batch = random_batch(lengths, seed=seed)
+    generate = generate or {}
+    together = greedy(model, batch, build_cache(model, **cache_args), new=new, **generate)
+    for row, n in enumerate(lengths):
+        alone = {k: v[row : row + 1, -n:] for k, v in batch.items()}
+        extra = alone_args(n) if alone_args else {}
+        single = greedy(model, alone, build_cache(model, **{**cache_args, **extra}), new=new, **generate)
+        assert torch.equal(single[0, n:], together[row, -new:]), f"row {row}"
+
+
 @pytest.mark.parametrize("arch", list(CONFIGS))
 @pytest.mark.parametrize("policy", EVICTING)
 def test_padded_batch_matches_each_prompt_alone(arch, policy):
-    model = tiny_model(arch)
-    lengths = [37, 21, 30]
-    batch = random_batch(lengths, seed=3)
-    together = greedy(model, batch, build_cache(model, policy, budget=16), new=30)
-    for row, n in enumerate(lengths):
-        alone = {k: v[row : row + 1, -n:] for k, v in batch.items()}
-        single = greedy(model, alone, build_cache(model, policy, budget=16), new=30)
-        assert torch.equal(single[0, n:], together[row, -30:]), f"row {row}"
+    assert_batch_matches_alone(tiny_model(arch), [37, 21, 30], policy=policy, budget=16)
 
 
 @pytest.mark.parametrize("policy", EVICTING)
@@ -135,20 +147,14 @@ def test_captured_scores_equal_eager_attention_summed_over_groups():
     ids = random_batch([19])["input_ids"]
     cache = build_cache(model, "h2o", heavy=100, recent=100)
     model(input_ids=ids, past_key_values=cache)
-    model.set_attn_implementation("eager")
-    try:
-        attentions = model(input_ids=ids, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    _, attentions = eager_logits_and_probs(model, ids)
     for layer, probs in zip(cache.layers, attentions):
         expected = probs.sum(dim=2).view(1, 2, 2, 19).sum(dim=2)  # query heads i//2 -> KV head
         assert torch.allclose(layer.state.scores, expected, atol=1e-5)
 
 
-def test_policies_without_scores_compute_none(monkeypatch):
-    calls = []
-    real = attention.attention_with_scores
-    monkeypatch.setattr(attention, "attention_with_scores", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+def test_policies_without_scores_compute_none(attention_calls):
+    calls = attention_calls
     model = tiny_model("llama")
     batch = random_batch([30])
     for policy in ("full", "local", "streaming", "buzz_nomax"):

@@ -12,8 +12,8 @@ from transformers import (
 from buzz_lm_eval import attention
 from buzz_lm_eval.cache import SUPPORTED_MODEL_TYPES, build_cache, layer_windows
 
-from .conftest import TINY
-from .test_cache import EVICTING, greedy, random_batch
+from .conftest import TINY, eager_logits_and_probs
+from .test_cache import EVICTING, assert_batch_matches_alone, assert_full_is_bit_exact, greedy, random_batch
 
 ALTERNATING = ["sliding_attention", "full_attention"]
 FAMILIES = {
@@ -48,25 +48,13 @@ def test_every_family_is_on_the_allow_list():
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_full_policy_is_bit_exact(arch):
-    model = family_model(arch)
-    batch = random_batch([40, 29, 35])
-    reference = greedy(model, batch)
-    assert torch.equal(greedy(model, batch, build_cache(model, "full")), reference)
-    ids = batch["input_ids"][:1]
-    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids, past_key_values=build_cache(model, "full")).logits)
+    assert_full_is_bit_exact(family_model(arch))
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 @pytest.mark.parametrize("policy", EVICTING)
 def test_padded_batch_matches_each_prompt_alone(arch, policy):
-    model = family_model(arch)
-    lengths = [37, 21, 30]
-    batch = random_batch(lengths, seed=3)
-    together = greedy(model, batch, build_cache(model, policy, budget=16), new=30)
-    for row, n in enumerate(lengths):
-        alone = {k: v[row : row + 1, -n:] for k, v in batch.items()}
-        single = greedy(model, alone, build_cache(model, policy, budget=16), new=30)
-        assert torch.equal(single[0, n:], together[row, -30:]), f"row {row}"
+    assert_batch_matches_alone(family_model(arch), [37, 21, 30], policy=policy, budget=16)
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
@@ -84,17 +72,6 @@ def test_budget_bounds_every_layer(arch, policy):
         model(input_ids=part, past_key_values=stepped)
     assert stepped.stats()["kept_tokens_peak"] <= budget
     assert all(layer.keys.shape[-2] < budget for layer in stepped.layers)
-
-
-def eager_logits_and_probs(model, ids):
-    """The model's own (eager, softcapped) attention: logits and per-layer probabilities."""
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        out = model(input_ids=ids, output_attentions=True)
-    finally:
-        model.set_attn_implementation(before)
-    return out.logits, out.attentions
 
 
 def test_gemma2_softcapped_scores_and_outputs_match_eager_attention():

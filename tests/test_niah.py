@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
 from buzz_lm_eval import leaderboard
 from buzz_lm_eval.heatmaps import cell, render_heatmaps
-from buzz_lm_eval.paths import tasks_dir
+
+from .conftest import load_task_module
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("buzz_test_niah", tasks_dir() / "niah" / "niah.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-niah = _module()
+niah = load_task_module("niah/niah.py", "buzz_test_niah")
 
 
 def test_grid_defaults_and_bad_values_are_named():

@@ -11,7 +11,7 @@ from buzz_lm_eval.positions import evicted_after
 
 from . import conftest
 from .conftest import TINY, on_device, tiny_model
-from .test_cache import greedy, random_batch
+from .test_cache import assert_batch_matches_alone, greedy, random_batch
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -91,14 +91,8 @@ def test_shifted_logits_follow_the_authors_rule(rope):
 @pytest.mark.parametrize("policy", ["streaming", "h2o", "buzz"])
 def test_shifted_padded_batch_with_chunked_prefill_matches_alone(arch, policy):
     """Paddings are multiples of the chunk, so each row's chunks start where they start alone."""
-    model = tiny_model(arch)
-    lengths = [45, 24, 38]
-    batch = random_batch(lengths, seed=7)
-    together = greedy(model, batch, build_cache(model, policy, budget=16), new=25, prefill_chunk_size=7)
-    for row, n in enumerate(lengths):
-        alone = {k: v[row : row + 1, -n:] for k, v in batch.items()}
-        single = greedy(model, alone, build_cache(model, policy, budget=16), new=25, prefill_chunk_size=7)
-        assert torch.equal(single[0, n:], together[row, -25:]), f"row {row}"
+    assert_batch_matches_alone(tiny_model(arch), [45, 24, 38], new=25, seed=7, generate={"prefill_chunk_size": 7},
+                               policy=policy, budget=16)
 
 
 def test_original_and_shifted_generate_differently_after_an_eviction(stories):

@@ -12,7 +12,7 @@ import torch
 from buzz_lm_eval.cache import build_cache
 
 from .conftest import tiny_model
-from .test_cache import greedy, random_batch
+from .test_cache import assert_batch_matches_alone, greedy, random_batch
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -38,10 +38,4 @@ def test_budget_holds_and_keys_stay_in_half_precision(dtype, policy):
 @pytest.mark.parametrize("positions", ["shifted", "original"])
 def test_padded_batch_matches_alone_in_half_precision(dtype, positions):
     model = tiny_model("llama", dtype=dtype)
-    lengths = [37, 21]
-    batch = random_batch(lengths, seed=3)
-    together = greedy(model, batch, build_cache(model, "buzz", budget=16, positions=positions), new=20)
-    for row, n in enumerate(lengths):
-        alone = {k: v[row : row + 1, -n:] for k, v in batch.items()}
-        single = greedy(model, alone, build_cache(model, "buzz", budget=16, positions=positions), new=20)
-        assert torch.equal(single[0, n:], together[row, -20:]), f"row {row}"
+    assert_batch_matches_alone(model, [37, 21], new=20, policy="buzz", budget=16, positions=positions)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from buzz_lm_eval import attention
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.policies import build_policy
 from buzz_lm_eval.policies.snapkv import SnapKVPolicy
 
-from .conftest import tiny_model
-from .test_cache import greedy, random_batch
+from .conftest import eager_logits_and_probs, tiny_model
+from .test_cache import assert_batch_matches_alone, greedy, random_batch
 
 NEW = ("snapkv", "pyramidkv", "tova", "knorm", "random")
 OTHER_REGIME = {name: "every_forward" if build_policy(name).default_evict == "after_prefill" else "after_prefill"
@@ -22,15 +21,9 @@ OTHER_REGIME = {name: "every_forward" if build_policy(name).default_evict == "af
 @pytest.mark.parametrize("policy", sorted(OTHER_REGIME))
 def test_padded_batch_matches_alone_in_the_other_regime(arch, policy):
     """The default regimes are covered by test_cache; here each policy's other one."""
-    model = tiny_model(arch)
-    lengths, evict = [37, 21, 30], OTHER_REGIME[policy]
-    batch = random_batch(lengths, seed=3)
-    prompt = max(lengths)
-    together = greedy(model, batch, build_cache(model, policy, budget=16, evict=evict, prompt_length=prompt), new=30)
-    for row, n in enumerate(lengths):
-        alone = {k: v[row : row + 1, -n:] for k, v in batch.items()}
-        single = greedy(model, alone, build_cache(model, policy, budget=16, evict=evict, prompt_length=n), new=30)
-        assert torch.equal(single[0, n:], together[row, -30:]), f"row {row}"
+    lengths = [37, 21, 30]
+    assert_batch_matches_alone(tiny_model(arch), lengths, policy=policy, budget=16, evict=OTHER_REGIME[policy],
+                               prompt_length=max(lengths), alone_args=lambda n: {"prompt_length": n})
 
 
 @pytest.mark.parametrize("policy", [*NEW, "h2o", "buzz", "streaming"])
@@ -107,20 +100,14 @@ def test_query_window_scores_are_the_last_queries_attention():
     policy = RecordingSnapKV(heavy=100, observation=4)
     policy.seen = []
     model(input_ids=ids, past_key_values=build_cache(model, policy))
-    model.set_attn_implementation("eager")
-    try:
-        attentions = model(input_ids=ids, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    _, attentions = eager_logits_and_probs(model, ids)
     for captured, probs in zip(policy.seen, attentions):
         expected = probs[:, :, -4:].sum(dim=2).view(1, 2, 2, 19).sum(dim=2)  # last 4 queries, heads i//2 -> KV
         assert torch.allclose(captured[:, :, 0], expected, atol=1e-5)
 
 
-def test_probabilities_are_computed_only_when_a_policy_uses_them(monkeypatch):
-    calls = []
-    real = attention.attention_with_scores
-    monkeypatch.setattr(attention, "attention_with_scores", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+def test_probabilities_are_computed_only_when_a_policy_uses_them(attention_calls):
+    calls = attention_calls
     model = tiny_model("llama")
     batch = random_batch([30])
     for policy in ("knorm", "random"):

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import numpy as np
 import pytest
 from lm_eval.tasks import TaskManager
 
-from buzz_lm_eval.paths import DEFAULT_MODEL_DIR, tasks_dir
+from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
+
+from .conftest import load_task_module
 
 pytest.importorskip("wonderwords", reason="the `ruler` extra is not installed")
 
-
-def _guard():
-    spec = importlib.util.spec_from_file_location("buzz_test_ruler_guard", tasks_dir() / "ruler" / "ruler_guard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-guard = _guard()
+guard = load_task_module("ruler/ruler_guard.py", "buzz_test_ruler_guard")
 
 
 @pytest.fixture(scope="module")
