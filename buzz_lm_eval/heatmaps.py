@@ -20,6 +20,7 @@ from buzz_lm_eval.plots import slug
 
 CELL = re.compile(r"^(?P<metric>.+)_L(?P<length>\d+)_D(?P<depth>\d+)$")
 RUN_KEY = ("model", "task", "filter", "policy", "budget")
+REGIME_KEYS = ("evict", "positions")  # cache settings that tell two runs of one policy and budget apart
 
 Row = dict[str, Any]
 
@@ -33,6 +34,13 @@ def cell(row: Row) -> tuple[str, int, int] | None:
 def is_cell(row: Row) -> bool:
     """Whether ``row`` is one cell of a heatmap (drawn as a picture, not a table or line plot)."""
     return cell(row) is not None
+
+
+def run_key(row: Row) -> tuple[str, ...]:
+    """What makes one heatmap: the run (policy, budget, regime, comparison) and its task and model."""
+    cache = row.get("cache") or {}
+    regime = tuple(str(cache.get(key)) for key in REGIME_KEYS)
+    return (*map(str, itemgetter(*RUN_KEY)(row)), *regime, str(row.get("comparison")))
 
 
 def run_label(row: Row) -> str:
@@ -74,12 +82,14 @@ def render_heatmaps(rows: list[Row]) -> dict[str, bytes]:
     import matplotlib  # noqa: F401  (fail early and clearly when the extra is missing)
 
     cells = sorted((row for row in rows if is_cell(row)),
-                   key=lambda row: (*map(str, itemgetter(*RUN_KEY)(row)), cell(row)[0]))
+                   key=lambda row: (*run_key(row), cell(row)[0]))
     images = {}
-    for _, group in itertools.groupby(cells, key=lambda row: (itemgetter(*RUN_KEY)(row), cell(row)[0])):
+    for _, group in itertools.groupby(cells, key=lambda row: (run_key(row), cell(row)[0])):
         group = list(group)
         first = group[0]
         run = first["policy"] if first["budget"] is None else f"{first['policy']}_b{first['budget']}"
+        cache = first.get("cache") or {}
+        run += "".join(f"_{cache[key]}" for key in REGIME_KEYS if cache.get(key) and first["budget"] is not None)
         metric = cell(first)[0] if first["filter"] == "none" else f"{cell(first)[0]}-{first['filter']}"
         stem = "__".join(slug(part) for part in (first["task"], metric, first["model"], run))
         images[f"{stem}__heatmap.png"] = heatmap_png(group)

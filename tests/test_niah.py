@@ -90,7 +90,7 @@ def test_smoke_task_runs_and_the_leaderboard_draws_its_heatmap(tmp_path):
     (run / "results_1.json").write_text(json.dumps(results, default=handle_non_serializable))
     assert leaderboard.main([str(tmp_path / "results"), "--output", str(tmp_path / "out")]) == 0
     [heatmap] = (tmp_path / "out").glob("*__heatmap.png")
-    assert heatmap.name.startswith("buzz_niah_smoke__score__") and heatmap.name.endswith("__buzz_b64__heatmap.png")
+    assert heatmap.name.startswith("buzz_niah_smoke__score__") and heatmap.name.endswith("__buzz_b64_every_forward_shifted__heatmap.png")
     assert heatmap.read_bytes().startswith(PNG_SIGNATURE)
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "buzz_niah_smoke · score " in markdown and "score_L256" not in markdown
