@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import (
     AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Gemma2Config, Gemma3TextConfig, GptOssConfig,
     GraniteConfig, MixtralConfig, Olmo2Config, Phi3Config,
@@ -31,10 +33,18 @@ FAMILIES = {
 }
 
 
+def family_config(arch: str):
+    """The tiny config of ``arch``; a skip where this transformers cannot build that family's config."""
+    try:
+        return FAMILIES[arch]()
+    except StrictDataclassFieldValidationError as exc:  # transformers 5.4's Olmo2Config rejects its defaults
+        pytest.skip(f"transformers {transformers.__version__} cannot build a {arch} config: {exc}")
+
+
 def family_model(arch: str, seed: int = 0):
     """A randomly initialised 2-layer decoder of ``arch`` (GQA), float32, eval mode."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[arch](), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(family_config(arch), dtype=torch.float32)
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
     return model.eval()
