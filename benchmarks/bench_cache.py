@@ -257,7 +257,7 @@ def cell(key: str, fmt: str, value) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(k, f, row[k]) for _, k, f in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(k, f, row.get(k)) for _, k, f in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
