@@ -8,7 +8,7 @@ import os
 
 from lm_eval.models.huggingface import HFLM
 
-from .cache import layer_windows
+from .architectures import layer_windows
 from .policies import build_policy
 from .policies.base import integral
 from .positions import check_positions, check_rope_config

@@ -12,7 +12,8 @@ from transformers import (
 )
 
 from buzz_lm_eval import attention
-from buzz_lm_eval.cache import SUPPORTED_MODEL_TYPES, build_cache, layer_windows
+from buzz_lm_eval.architectures import SUPPORTED_MODEL_TYPES, layer_windows
+from buzz_lm_eval.cache import build_cache
 
 from .conftest import TINY, eager_logits_and_probs
 from .test_cache import EVICTING, assert_batch_matches_alone, assert_full_is_bit_exact, greedy, random_batch
