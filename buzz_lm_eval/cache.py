@@ -88,7 +88,7 @@ class EvictingLayer(DynamicLayer):
         self.seen = 0
         self.evicted = False  # stored slots no longer equal the seen sequence
         self.padded = False  # some stored slot is padding (position -1)
-        self.positions: torch.Tensor | None = None  # [B, 1|H, L] original positions, -1 = padding
+        self.positions: torch.Tensor | None = None  # [B, 1|H, L] positions keys are rotated at, -1 = padding
         self.key_norms: torch.Tensor | None = None  # [B, H, L] for the key_norm signal (knorm)
         self.stats = LayerStats()
 
@@ -201,8 +201,6 @@ class EvictingLayer(DynamicLayer):
         if self.phase != "evict":
             self.defer(scores)
             return
-        if self.policy.signal == "key_norm":
-            scores = self.key_norms
         keep = self.run_policy(scores)
         budget = self.policy.budget
         while keep is not None:
@@ -210,13 +208,17 @@ class EvictingLayer(DynamicLayer):
             if budget is None or self.stored() <= budget - 1:
                 break
             # another round inside this forward: no new attention, only the state's scores
-            extra = None if scores is None else scores.new_zeros(*scores.shape[:2], self.stored())
-            keep = self.run_policy(extra)
+            keep = self.run_policy(None if scores is None else scores.new_zeros(*scores.shape[:2], self.stored()))
         self.stats.count_forward(self.stored())
 
     def run_policy(self, scores: torch.Tensor | None) -> torch.Tensor | None:
-        """One policy step over the stored tokens; the kept indices or None."""
+        """One policy step over the stored tokens; the kept indices or None.
+
+        ``scores`` are this forward's attention; a ``key_norm`` policy gets the stored keys' norms.
+        """
         batch, heads, length, _ = self.keys.shape
+        if self.policy.signal == "key_norm":
+            scores = self.key_norms
         return self.policy.step(
             self.state,
             None if scores is None else scores.unsqueeze(2),

@@ -58,6 +58,21 @@ def temporarily(owner, attribute: str, value):
         setattr(owner, attribute, previous)
 
 
+def in_groups(items: list, key, run, longest_first: bool = False) -> list:
+    """``run(group_key, members)`` for each group of ``items`` sharing ``key(item)`` (in first-seen
+    order, or by descending key); the outputs come back in the items' original order."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    order = sorted(groups, reverse=True) if longest_first else list(groups)
+    results: list = [None] * len(items)
+    for group in order:
+        members = groups[group]
+        for i, output in zip(members, run(group, [items[i] for i in members]), strict=True):
+            results[i] = output
+    return results
+
+
 def check_parsed_model_args(model_args: dict) -> None:
     """``check_args`` on model_args as lm-eval parsed them (a dict of ``BuzzHFLM`` keyword arguments)."""
     args = inspect.signature(BuzzHFLM.__init__).bind(None, **model_args).arguments
@@ -245,35 +260,25 @@ class BuzzHFLM(HFLM):
     def per_task(self, kind: str, requests, run, disable_tqdm: bool) -> list:
         """``run`` the requests of each task in turn (lm-eval hands all tasks in one call), so the
         statistics are recorded per (task, request type); results come back in the original order."""
-        groups: dict[str | None, list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault(getattr(request, "task_name", None), []).append(i)
-        results: list = [None] * len(requests)
-        for task, indices in groups.items():
-            self._stats_key = (task, kind)
-            try:
-                outputs = run([requests[i] for i in indices], disable_tqdm)
-            finally:
-                self._stats_key = None
-            for i, output in zip(indices, outputs, strict=True):
-                results[i] = output
-        return results
+        def run_task(task, members):
+            with temporarily(self, "_stats_key", (task, kind)):
+                return run(members, disable_tqdm)
+
+        return in_groups(requests, lambda request: getattr(request, "task_name", None), run_task)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         """Under after_prefill: requests in groups of one context length, compressed after the context."""
         if not (self.evicting and self.evict == "after_prefill"):
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        groups: dict[int, list[int]] = {}
-        for i, (_, context, continuation) in enumerate(requests):
-            groups.setdefault(self.context_in_input(context, continuation), []).append(i)
-        results = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
-        for prompt_length, members in sorted(groups.items(), reverse=True):
+
+        def run_length(prompt_length, members):
             with self.prompt(prompt_length):
-                scored = super()._loglikelihood_tokens([requests[i] for i in members], True, override_bs)
-            for i, result in zip(members, scored, strict=True):
-                results[i] = result
+                scored = super(BuzzHFLM, self)._loglikelihood_tokens(members, True, override_bs)
             bar.update(len(members))
+            return scored
+
+        results = in_groups(requests, lambda request: self.context_in_input(*request[1:]), run_length, longest_first=True)
         bar.close()
         return results
 

@@ -59,14 +59,9 @@ def evicted_after(keep: torch.Tensor, length: int, real: torch.Tensor | None, ke
     [B, 1|H, K] marks which entries of ``keep`` are real kept tokens (padded layouts fill the front
     of short rows with index 0). Both None: every slot is real and every entry of ``keep`` counts.
     """
-    if kept_real is None:
-        kept = torch.zeros(*keep.shape[:-1], length, dtype=torch.int32, device=keep.device)
-        kept = kept.scatter(-1, keep, 1)
-    else:
-        source = kept_real.expand(keep.shape).to(torch.int32)
-        kept = torch.zeros(*keep.shape[:-1], length, dtype=torch.int32, device=keep.device)
-        kept = kept.scatter_reduce(-1, keep, source, reduce="amax")
-    evicted = 1 - kept
+    source = torch.ones_like(keep, dtype=torch.int32) if kept_real is None else kept_real.expand(keep.shape).int()
+    kept = torch.zeros(*keep.shape[:-1], length, dtype=torch.int32, device=keep.device)
+    evicted = 1 - kept.scatter_reduce(-1, keep, source, reduce="amax")
     if real is not None:
         evicted = evicted * real.to(torch.int32)
     after = evicted.flip(-1).cumsum(-1).flip(-1)  # evicted at index >= i (a kept i adds nothing)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from ..suggest import did_you_mean
-from .base import Policy, PolicyState, integral
+from .base import Policy, PolicyState, integral, whole
 from .buzz import BuzzPolicy
 from .buzz_fast import BuzzFastPolicy
 from .buzz_nomax import BuzzNoMaxPolicy
@@ -59,9 +59,7 @@ def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
         valid = policy_keys(name)
         hint = did_you_mean(unknown[0], valid) if len(unknown) == 1 else ""
         raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}{hint}; valid: {', '.join(valid) or 'none'}")
-    # integral floats become ints; anything else goes to the policy's own checks (pooling is a name)
-    sizes = {key: int(value) if isinstance(value, float) and value.is_integer() else value
-             for key, value in sizes.items()}
+    sizes = {key: whole(value) for key, value in sizes.items()}  # other values meet the policy's own checks
     if budget is None:
         return cls(**sizes)
     budget = integral(name, "budget", budget)

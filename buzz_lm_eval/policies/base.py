@@ -253,10 +253,14 @@ def real_slots(n_real: torch.Tensor, width: int) -> torch.Tensor:
     return slots >= (width - n_real).view(-1, 1, 1)
 
 
+def whole(value):
+    """An integral float as its int (lm-eval's CLI reads "-5" as -5.0); any other value unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def integral(owner: str, key: str, value) -> int:
-    """``value`` as an int: an int, or a float with an integral value (lm-eval's CLI reads "-5" as -5.0)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    """``value`` as an int: an int, or a float with an integral value; ValueError otherwise."""
+    value = whole(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{owner}: {key} must be an integer, got {value!r}")
     return value
