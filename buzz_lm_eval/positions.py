@@ -32,24 +32,54 @@ def check_positions(positions: str | None) -> str:
 
 
 class KeyRotation:
-    """Rotates stored keys by per-token position deltas with one layer's RoPE frequencies."""
+    """Rotates stored keys by per-token position deltas with one layer's RoPE frequencies.
+
+    Deltas are whole numbers of positions, so the cosines and sines come from a table indexed by
+    the delta (grown on demand), not from a transcendental per key.
+    """
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.detach().float()
         self.rotary_dim = 2 * inv_freq.numel()
+        self._cos = self._sin = None  # [n, rotary_dim] float32 tables for deltas 0 .. n - 1
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``keys`` [B, H, K, D] rotated forward by ``delta`` [B|1, H|1, K] positions (float32 math)."""
-        inv_freq = self.inv_freq.to(keys.device)
-        angles = delta.unsqueeze(-1).float() * inv_freq  # [.., K, rotary_dim / 2]
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+    def tables(self, bound: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every delta in ``[0, bound]`` (at least), on ``device``."""
+        if self._cos is None or self._cos.shape[0] <= bound or self._cos.device != torch.device(device):
+            size = max(bound + 1, 2 * (0 if self._cos is None else self._cos.shape[0]))
+            angles = torch.arange(size, device=device).unsqueeze(-1).float() * self.inv_freq.to(device)
+            angles = torch.cat([angles, angles], dim=-1)
+            self._cos, self._sin = angles.cos(), angles.sin()
+        return self._cos, self._sin
+
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, bound: int | None = None) -> torch.Tensor:
+        """``keys`` [.., K, D] rotated forward by ``delta`` [.., K] positions (float32 math).
+
+        ``bound``: an upper bound of ``delta`` known without reading it (default: read from it).
+        """
+        bound = int(delta.max()) if bound is None else bound
+        cos, sin = self.tables(bound, keys.device)
+        cos, sin = cos[delta], sin[delta]
         rot, rest = keys[..., : self.rotary_dim].float(), keys[..., self.rotary_dim :]
         half = self.rotary_dim // 2
         rotated = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin
         if rest.shape[-1] == 0:
             return rotated.to(keys.dtype)
         return torch.cat([rotated.to(keys.dtype), rest], dim=-1)
+
+    def rotate_slots(self, keys: torch.Tensor, delta: torch.Tensor, bound: int) -> None:
+        """Rotate ``keys`` [B, H, K, D] in place by ``delta`` [B, 1|H, K] (<= ``bound``) positions.
+
+        On the CPU only the keys that move are touched (a data-dependent subset costs nothing
+        there); on accelerators every key is rotated, a delta of 0 exactly, to avoid a host sync.
+        """
+        delta = delta.expand(keys.shape[:3])
+        if keys.device.type != "cpu":
+            keys.copy_(self.rotate(keys, delta, bound))
+            return
+        moved = (delta > 0).nonzero(as_tuple=True)
+        if moved[0].numel():
+            keys[moved] = self.rotate(keys[moved], delta[moved], bound)
 
 
 def evicted_after(keep: torch.Tensor, length: int, real: torch.Tensor | None, kept_real: torch.Tensor | None) -> torch.Tensor:

@@ -62,12 +62,12 @@ def test_shifted_keys_equal_keys_rotated_at_the_contiguous_positions(rope, polic
     # which original tokens each KV head kept: recover them from a run with original positions
     reference = build_cache(model, policy, positions="original", **args)
     stream(model, ids, reference, chunk=3)
-    original = reference.layers[0].positions.expand(1, 2, -1)[0]
+    original = reference.layers[0].kept()[2][0]
     for head in range(2):
         kept_ids = ids[:, original[head]]
         expected = direct_keys(model, kept_ids, on_device(torch.arange(evicted, 47)).unsqueeze(0))[0, head]
-        assert torch.allclose(layer.keys[0, head], expected, atol=1e-5), f"head {head}"
-    assert layer.positions.expand(1, 2, -1)[0].tolist() == [list(range(evicted, 47))] * 2
+        assert torch.allclose(layer.kept()[0][0, head], expected, atol=1e-5), f"head {head}"
+    assert layer.kept()[2][0].tolist() == [list(range(evicted, 47))] * 2
 
 
 @pytest.mark.parametrize("rope", list(ROPES))

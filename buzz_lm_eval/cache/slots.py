@@ -1,0 +1,129 @@
+"""Slot storage of one cache layer: keys and values in preallocated buffers, compacted in place.
+
+A layer's keys and values live in ``[B, H, capacity, D]`` buffers whose first ``n`` slots are
+live. New tokens are written after the live slots (the buffer grows geometrically, clamped to
+the layer's budget, only when it is full). An eviction that keeps ``K`` of ``n`` tokens moves
+each surviving token stored at a slot ``>= K`` into a freed slot ``< K``: at most
+``min(K, n - K)`` tokens move, so dropping one token per decode step moves at most one token,
+never the whole cache. Slots therefore hold tokens in no particular order; the cache layer keeps
+each slot's position and the logical (original) order separately.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotStore:
+    """Keys and values in buffers with spare capacity; ``keys``/``values`` view the live slots."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, limit: int | None):
+        self.limit = limit  # grow at most to this many slots while that suffices (the budget)
+        self.n = 0
+        self._keys, self._values = keys[:, :, :0], values[:, :, :0]
+        self.append(keys, values)
+
+    @property
+    def capacity(self) -> int:
+        return self._keys.shape[2]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, :, : self.n]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[:, :, : self.n]
+
+    def nbytes(self) -> int:
+        """Bytes the buffers occupy (live slots and spare capacity)."""
+        return self._keys.untyped_storage().nbytes() + self._values.untyped_storage().nbytes()
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``[B, H, q, D]`` new tokens after the live slots."""
+        new = keys.shape[2]
+        self._reserve(self.n + new)
+        self._keys[:, :, self.n : self.n + new] = keys
+        self._values[:, :, self.n : self.n + new] = values
+        self.n += new
+
+    def _reserve(self, needed: int) -> None:
+        """Room for ``needed`` slots: doubling, but not past the limit (or past what one chunk needs)."""
+        if needed <= self.capacity:
+            return
+        target = max(needed, 2 * self.capacity)
+        if self.limit is not None and self.capacity <= self.limit:
+            target = min(target, max(needed, self.limit))
+        self._resize(target)
+
+    def fit(self) -> None:
+        """Give back spare capacity after a large eviction (e.g. the one compression after a prompt)."""
+        if self.limit is not None and self.capacity > 2 * max(self.limit, self.n):
+            self._resize(max(self.limit, self.n))
+
+    def _resize(self, capacity: int) -> None:
+        self._keys = _resized(self._keys, self.n, capacity)
+        self._values = _resized(self._values, self.n, capacity)
+
+    def keep_first(self, kept: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Move slot ``src`` to ``dst`` ([B, 1|H, M] pairs from ``tail_moves``), then keep ``kept`` slots."""
+        if src.shape[-1]:
+            for buffer in (self._keys, self._values):
+                batch, heads, _, dim = buffer.shape
+                shape = (batch, heads, src.shape[-1], dim)
+                moved = buffer.gather(2, src.unsqueeze(-1).expand(shape))
+                buffer.scatter_(2, dst.unsqueeze(-1).expand(shape), moved)
+        self.n = kept
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New live contents (dense, in order); the buffers keep their capacity when it suffices."""
+        self.n = 0
+        self.append(keys, values)
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep (or reorder) batch rows."""
+        self._keys, self._values = self._keys[indices], self._values[indices]
+
+
+def _resized(buffer: torch.Tensor, live: int, capacity: int) -> torch.Tensor:
+    batch, heads, _, dim = buffer.shape
+    resized = buffer.new_empty(batch, heads, capacity, dim)
+    resized[:, :, :live] = buffer[:, :, :live]
+    return resized
+
+
+def tail_moves(survive: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot moves that pack the ``kept`` surviving slots of each row into slots ``[0, kept)``.
+
+    ``survive`` is [B, H, n] bool with exactly ``kept`` True per row. Returns ``(src, dst)``
+    [B, H, M], ``M = min(kept, n - kept)``: the m-th surviving slot at or after ``kept`` moves to
+    the m-th free slot before it. Rows that need fewer moves are padded with a move of a
+    surviving slot below ``kept`` onto itself (a row that needs padding has one), so no pair
+    touches another's slots. No host synchronisation.
+    """
+    length = survive.shape[-1]
+    width = min(kept, length - kept)
+    if width == 0:
+        none = survive.new_empty((*survive.shape[:-1], 0), dtype=torch.long)
+        return none, none
+    below = survive[..., :kept]
+    stay = below.to(torch.uint8).argmax(-1, keepdim=True)  # the first survivor below ``kept``
+    dst = _ranked(~below, width, 0, stay)
+    src = _ranked(survive[..., kept:], width, kept, stay)
+    return src, dst
+
+
+def _ranked(mask: torch.Tensor, width: int, offset: int, fill: int | torch.Tensor) -> torch.Tensor:
+    """[.., width]: ``offset +`` the indices of ``mask``'s True entries in ascending order, then ``fill``."""
+    rank = mask.cumsum(-1) - 1
+    column = torch.where(mask & (rank < width), rank, width)  # the rest land in a dropped column
+    fill = torch.as_tensor(fill, dtype=torch.long, device=mask.device)
+    out = fill.expand(*mask.shape[:-1], width + 1).clone()
+    index = torch.arange(offset, offset + mask.shape[-1], device=mask.device).expand(mask.shape)
+    return out.scatter_(-1, column, index)[..., :width]
+
+
+def rows_with(mask: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """[.., width]: per row, the first ``counts`` indices where ``mask`` is True (then index 0)."""
+    rank = mask.cumsum(-1) - 1
+    return _ranked(mask & (rank < counts.unsqueeze(-1)), width, 0, 0)
