@@ -56,6 +56,7 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with layer.stats.timer():
         visible = layer.visibility(attention_mask, query.shape[2])
+        query = layer.align_query(query)
     scores = None
     if softcap is not None or (layer.needs_attention and not module.training):
         window = layer.policy.query_window

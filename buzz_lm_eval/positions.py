@@ -41,45 +41,103 @@ class KeyRotation:
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.detach().float()
         self.rotary_dim = 2 * inv_freq.numel()
-        self._cos = self._sin = None  # [n, rotary_dim] float32 tables for deltas 0 .. n - 1
+        self._cos = self._sin = None  # [n, rotary_dim / 2] float32 tables for deltas 0 .. n - 1
 
     def tables(self, bound: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of every delta in ``[0, bound]`` (at least), on ``device``."""
+        """[n, rotary_dim / 2] cos and sin of every delta in ``[0, bound]`` (at least), on ``device``."""
         if self._cos is None or self._cos.shape[0] <= bound or self._cos.device != torch.device(device):
             size = max(bound + 1, 2 * (0 if self._cos is None else self._cos.shape[0]))
             angles = torch.arange(size, device=device).unsqueeze(-1).float() * self.inv_freq.to(device)
-            angles = torch.cat([angles, angles], dim=-1)
             self._cos, self._sin = angles.cos(), angles.sin()
         return self._cos, self._sin
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, bound: int | None = None) -> torch.Tensor:
-        """``keys`` [.., K, D] rotated forward by ``delta`` [.., K] positions (float32 math).
+    def rotate_(self, keys: torch.Tensor, delta: torch.Tensor, bound: int) -> torch.Tensor:
+        """Rotate ``keys`` [.., K, D] in place by ``delta`` [.., K] positions (|delta| <= ``bound``).
 
-        ``bound``: an upper bound of ``delta`` known without reading it (default: read from it).
+        RoPE's rotate-half layout: dimension j pairs with j + rotary_dim / 2; float32 math. A
+        delta of 0 leaves a key exactly as it was.
         """
-        bound = int(delta.max()) if bound is None else bound
         cos, sin = self.tables(bound, keys.device)
-        cos, sin = cos[delta], sin[delta]
-        rot, rest = keys[..., : self.rotary_dim].float(), keys[..., self.rotary_dim :]
+        cos, sin = cos[delta.abs()], sin[delta.abs()] * delta.sign().unsqueeze(-1)
         half = self.rotary_dim // 2
-        rotated = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin
-        if rest.shape[-1] == 0:
-            return rotated.to(keys.dtype)
-        return torch.cat([rotated.to(keys.dtype), rest], dim=-1)
+        first, second = keys[..., :half], keys[..., half : self.rotary_dim]
+        x, y = first.float(), second.float()
+        new_first = (x * cos).addcmul_(y, sin, value=-1)
+        new_second = (y * cos).addcmul_(x, sin)
+        first.copy_(new_first)
+        second.copy_(new_second)
+        return keys
 
     def rotate_slots(self, keys: torch.Tensor, delta: torch.Tensor, bound: int) -> None:
-        """Rotate ``keys`` [B, H, K, D] in place by ``delta`` [B, 1|H, K] (<= ``bound``) positions.
+        """Rotate ``keys`` [B, H, K, D] in place by ``delta`` [B, 1|H, K] (|delta| <= ``bound``) positions.
 
-        On the CPU only the keys that move are touched (a data-dependent subset costs nothing
-        there); on accelerators every key is rotated, a delta of 0 exactly, to avoid a host sync.
+        On the CPU, where reading the count costs nothing, no key moves when none needs to and a
+        small subset (e.g. StreamingLLM's sinks) is rotated alone; on accelerators every key is
+        rotated (a delta of 0 exactly), so the step has no host synchronisation.
         """
         delta = delta.expand(keys.shape[:3])
-        if keys.device.type != "cpu":
-            keys.copy_(self.rotate(keys, delta, bound))
-            return
-        moved = (delta > 0).nonzero(as_tuple=True)
-        if moved[0].numel():
-            keys[moved] = self.rotate(keys[moved], delta[moved], bound)
+        if keys.device.type == "cpu":
+            moved = delta != 0
+            count = int(moved.sum())
+            if count == 0:
+                return
+            if 4 * count < moved.numel():
+                where = moved.nonzero(as_tuple=True)
+                keys[where] = self.rotate_(keys[where], delta[where], bound)
+                return
+        self.rotate_(keys, delta, bound)
+
+
+class ShiftedKeys:
+    """One layer's ``shifted`` positions, re-rotating as few stored keys as possible.
+
+    After an eviction, a kept key must move forward by ``delta`` (the evicted tokens after it).
+    Moving every key of a row and head by a constant ``c`` changes no attention logit if the
+    queries move by ``c`` too, so each row and head may instead rotate its keys by
+    ``delta - c`` and carry ``c`` in a ``lag``: stored keys sit ``lag`` positions behind the
+    positions the cache reports, and ``align_query``/``on_append`` put queries and new keys
+    ``lag`` positions back as well. ``c`` is 0 or the row's largest delta, whichever leaves fewer
+    keys to rotate: dropping one token per step then rotates the shorter side of it.
+    """
+
+    def __init__(self, rotation: KeyRotation):
+        self.rotation = rotation
+        self.lag: torch.Tensor | None = None  # [B, 1|H_kv, 1] positions the stored keys lag behind
+
+    def on_append(self, new_keys: torch.Tensor, bound: int) -> None:
+        """Put freshly stored keys [B, H, q, D] (a view into the store) ``lag`` positions back."""
+        if self.lag is not None:
+            self.rotation.rotate_(new_keys, -self.lag.expand(new_keys.shape[:3]), bound)
+
+    def align_query(self, query: torch.Tensor, bound: int) -> torch.Tensor:
+        """The queries [B, H_q, q, D] rotated ``lag`` positions back (grouped as ``repeat_kv``)."""
+        if self.lag is None:
+            return query
+        batch, heads, length, _ = query.shape
+        lag = self.lag.repeat_interleave(heads // self.lag.shape[1], dim=1) if self.lag.shape[1] > 1 else self.lag
+        return self.rotation.rotate_(query.clone(), -lag.expand(batch, heads, length), bound)
+
+    def on_evict(self, keys: torch.Tensor, delta: torch.Tensor, order: torch.Tensor,
+                 live: torch.Tensor | None, bound: int) -> None:
+        """Move the kept keys (slots ``order`` of ``keys``) forward by ``delta`` [B, 1|H, K] (original order)."""
+        counted = delta if live is None else torch.where(live, delta, 0)
+        top = counted.amax(-1, keepdim=True)
+        below_top = ((delta < top) if live is None else (delta < top) & live).sum(-1, keepdim=True)
+        shift = torch.where(below_top < (counted > 0).sum(-1, keepdim=True), top, 0)
+        lag = shift if self.lag is None else self.lag + shift
+        self.lag = lag
+        per_slot = torch.zeros_like(order).scatter_(-1, order, delta - shift)
+        self.rotation.rotate_slots(keys, per_slot, bound)
+
+    def canonical(self, keys: torch.Tensor, bound: int) -> torch.Tensor:
+        """A copy of stored keys [B, H, K, D] rotated at the positions the cache reports."""
+        if self.lag is None:
+            return keys
+        return self.rotation.rotate_(keys.clone(), self.lag.expand(keys.shape[:3]), bound)
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        if self.lag is not None:
+            self.lag = self.lag[indices]
 
 
 def evicted_after(keep: torch.Tensor, length: int, real: torch.Tensor | None, kept_real: torch.Tensor | None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicLayer
 from ..attention import offer_layer
 from ..policies import Policy
 from ..policies.base import real_slots
-from ..positions import KeyRotation, evicted_after
+from ..positions import KeyRotation, ShiftedKeys, evicted_after
 from ..regime import Schedule
 from .slots import SlotStore, rows_with, tail_moves
 
@@ -71,7 +71,7 @@ class EvictingLayer(DynamicLayer):
         super().__init__()
         self.sync_timing = sync_timing
         self.policy = policy
-        self.rotation = rotation  # None: kept keys keep their original rotation
+        self.shift = None if rotation is None else ShiftedKeys(rotation)  # None: keys keep their original rotation
         self.schedule = schedule or Schedule()
         self.phase = "evict"  # this forward: "evict", "observe" (scores only) or "grow" (regime.py)
         self.state = policy.new_state()
@@ -123,10 +123,13 @@ class EvictingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.store is None:
-            self.store = SlotStore(key_states, value_states, self.policy.budget)
+            bounded = self.schedule.mode == "every_forward"  # after_prefill grows once compressed
+            self.store = SlotStore(key_states, value_states, self.policy.budget if bounded else None)
         else:
             self.store.append(key_states, value_states)
         self.keys, self.values = self.store.keys, self.store.values
+        if self.shift is not None:
+            self.shift.on_append(self.keys[:, :, -key_states.shape[-2] :], self.seen + key_states.shape[-2])
         return self.keys, self.values
 
     def _span(self, start: int, count: int, like: torch.Tensor) -> torch.Tensor:
@@ -153,6 +156,8 @@ class EvictingLayer(DynamicLayer):
         self.is_initialized = False
         self.state, self.seen, self.positions, self.key_norms = self.policy.new_state(), 0, None, None
         self.store = self.order = None
+        if self.shift is not None:
+            self.shift.lag = None
         self.evicted = self.padded = False
         self.stats = LayerStats()
         self.schedule.reset()
@@ -172,6 +177,8 @@ class EvictingLayer(DynamicLayer):
             self.order = None if self.order is None else self.order[indices]
             self.key_norms = None if self.key_norms is None else self.key_norms[indices]
             self.state.select_batch(indices)
+            if self.shift is not None:
+                self.shift.select_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.stored() > 0:
@@ -184,12 +191,12 @@ class EvictingLayer(DynamicLayer):
     def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys [B, H, K, D], values and positions [B, H, K] of the stored tokens, in original order."""
         batch, heads, length, dim = self.keys.shape
-        positions = self.positions.expand(batch, heads, length)
-        if self.order is None:
-            return self.keys, self.values, positions
-        order = self.order.expand(batch, heads, length)
-        slots = order.unsqueeze(-1).expand(batch, heads, length, dim)
-        return self.keys.gather(2, slots), self.values.gather(2, slots), positions.gather(-1, order)
+        keys, values, positions = self.keys, self.values, self.positions.expand(batch, heads, length)
+        if self.order is not None:
+            order = self.order.expand(batch, heads, length)
+            slots = order.unsqueeze(-1).expand(batch, heads, length, dim)
+            keys, values, positions = keys.gather(2, slots), values.gather(2, slots), positions.gather(-1, order)
+        return (keys if self.shift is None else self.shift.canonical(keys, self.seen)), values, positions
 
     def in_order(self, per_slot: torch.Tensor) -> torch.Tensor:
         """A per-slot [B, 1|H, L] tensor rearranged into the tokens' original order."""
@@ -206,6 +213,10 @@ class EvictingLayer(DynamicLayer):
         if self.policy.signal != "attention":
             return False
         return self.phase == "evict" or (self.phase == "observe" and self.policy.accumulates)
+
+    def align_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The queries as the stored keys expect them (``shifted`` keys may lag, see ``ShiftedKeys``)."""
+        return query if self.shift is None else self.shift.align_query(query, self.seen)
 
     def visibility(self, library_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
         """[B, 1|H, q, L] bool mask of what the new queries may see (library mask until evicted).
@@ -294,11 +305,11 @@ class EvictingLayer(DynamicLayer):
         if live is not None:
             positions = positions.masked_fill(~live, -1)
             self.padded = bool((positions < 0).any())
-        if self.rotation is not None:
+        if self.shift is not None:
             real = self.in_order(self.positions) >= 0 if live is not None else None
-            delta = evicted_after(keep, length, real, live)
+            delta = evicted_after(keep, length, real, live).to(order.dtype)
             positions = torch.where(positions >= 0, positions + delta, positions)
-            self.rotation.rotate_slots(self.keys, torch.zeros_like(order).scatter_(-1, order, delta), length)
+            self.shift.on_evict(self.keys, delta, order, live, self.seen)
         self.positions = torch.empty_like(positions).scatter_(-1, order, positions)
         if norms is not None:
             self.key_norms = torch.empty_like(norms).scatter_(-1, order.expand(batch, heads, width), norms)

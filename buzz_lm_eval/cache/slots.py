@@ -2,7 +2,7 @@
 
 A layer's keys and values live in ``[B, H, capacity, D]`` buffers whose first ``n`` slots are
 live. New tokens are written after the live slots (the buffer grows geometrically, clamped to
-the layer's budget, only when it is full). An eviction that keeps ``K`` of ``n`` tokens moves
+the layer's budget under ``every_forward``, only when it is full). An eviction that keeps ``K`` of ``n`` tokens moves
 each surviving token stored at a slot ``>= K`` into a freed slot ``< K``: at most
 ``min(K, n - K)`` tokens move, so dropping one token per decode step moves at most one token,
 never the whole cache. Slots therefore hold tokens in no particular order; the cache layer keeps
@@ -18,7 +18,7 @@ class SlotStore:
     """Keys and values in buffers with spare capacity; ``keys``/``values`` view the live slots."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, limit: int | None):
-        self.limit = limit  # grow at most to this many slots while that suffices (the budget)
+        self.limit = limit  # the most slots doubling grows to (a budget that evictions keep to)
         self.n = 0
         self._keys, self._values = keys[:, :, :0], values[:, :, :0]
         self.append(keys, values)
@@ -52,14 +52,15 @@ class SlotStore:
         if needed <= self.capacity:
             return
         target = max(needed, 2 * self.capacity)
-        if self.limit is not None and self.capacity <= self.limit:
-            target = min(target, max(needed, self.limit))
+        if self.limit is not None:  # doubling stops at the limit; past it, exactly what one chunk needs
+            target = max(needed, min(target, self.limit))
         self._resize(target)
 
     def fit(self) -> None:
         """Give back spare capacity after a large eviction (e.g. the one compression after a prompt)."""
-        if self.limit is not None and self.capacity > 2 * max(self.limit, self.n):
-            self._resize(max(self.limit, self.n))
+        floor = max(self.n, self.limit or 0)
+        if self.capacity > 2 * floor:
+            self._resize(floor)
 
     def _resize(self, capacity: int) -> None:
         self._keys = _resized(self._keys, self.n, capacity)

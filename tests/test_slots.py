@@ -1,0 +1,89 @@
+"""Slot storage: evictions move few slots, never copy the cache, and shifted keys may lag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from buzz_lm_eval.cache import build_cache
+from buzz_lm_eval.cache.slots import SlotStore, tail_moves
+
+from .conftest import on_device, tiny_model
+from .test_cache import random_batch
+from .test_positions import ROPES, one_layer_llama, stream
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tail_moves_pack_the_survivors_into_the_first_slots(seed):
+    generator = torch.Generator().manual_seed(seed)
+    rows, length = 6, int(torch.randint(2, 40, (1,), generator=generator))
+    kept = int(torch.randint(1, length, (1,), generator=generator))
+    order = torch.rand(rows, length, generator=generator).argsort(-1)[:, :kept]
+    survive = torch.zeros(1, rows, length, dtype=torch.bool).scatter_(-1, order.unsqueeze(0), True)
+    src, dst = tail_moves(survive, kept)
+    assert src.shape[-1] == min(kept, length - kept)
+    slots = torch.arange(length).expand(1, rows, length).clone()
+    slots.scatter_(-1, dst, slots.gather(-1, src))
+    for row in range(rows):
+        assert sorted(slots[0, row, :kept].tolist()) == sorted(order[row].tolist())
+        unmoved = [i for i in range(kept) if survive[0, row, i]]
+        assert all(slots[0, row, i] == i for i in unmoved)  # survivors below ``kept`` stay put
+
+
+def test_a_per_step_eviction_writes_two_slots_not_the_cache():
+    """Dropping one token per decode step: one new token written, at most one token moved."""
+    model = tiny_model("llama", seed=1)
+    ids = random_batch([60])["input_ids"]
+    cache = build_cache(model, "h2o", budget=32, positions="original")
+    with torch.no_grad():
+        model(input_ids=ids[:, :40], past_key_values=cache)
+        store = cache.layers[0].store
+        for token in ids[0, 40:].split(1):
+            before, pointer = store.keys.clone(), store.keys.data_ptr()
+            model(input_ids=token.view(1, 1), past_key_values=cache)
+            assert store.keys.data_ptr() == pointer and store.keys.shape == before.shape  # no new buffer
+            changed = (store.keys != before).any(dim=-1)  # [B, H, K] slots rewritten this step
+            assert int(changed.sum(dim=-1).max()) <= 2
+
+
+def test_buffers_grow_to_the_budget_plus_one_chunk_at_most():
+    model = tiny_model("llama", seed=2)
+    ids = random_batch([300], seed=3)["input_ids"]
+    cache = build_cache(model, "buzz", budget=64)
+    stream(model, ids, cache, chunk=16)
+    layer = cache.layers[0]
+    per_slot = 2 * layer.keys[0, 0, 0].numel() * layer.keys.element_size() * layer.keys.shape[1]
+    assert layer.store.capacity <= 64 - 1 + 16
+    assert cache.stats()["kv_bytes_allocated_peak"] <= len(cache.layers) * (64 - 1 + 16) * per_slot
+
+
+def test_a_store_gives_spare_capacity_back_after_a_large_eviction():
+    keys = torch.randn(1, 2, 300, 4)
+    store = SlotStore(keys, keys.clone(), limit=40)
+    survive = torch.zeros(1, 2, 300, dtype=torch.bool)
+    survive[..., :39] = True
+    store.keep_first(39, *tail_moves(survive, 39))
+    store.fit()
+    assert store.capacity == 40 and torch.equal(store.keys, keys[:, :, :39])
+
+
+@pytest.mark.parametrize("rope", ["default", "llama3"])
+def test_lagging_shifted_keys_give_the_authors_logits(rope):
+    """``random`` drops tokens anywhere (its choice ignores scores, so an ``original`` run names the
+    kept tokens); after many such steps the stored keys lag, and the next token still scores as
+    the model run on the kept tokens at contiguous positions."""
+    model = one_layer_llama(ROPES[rope], seed=3)
+    ids = random_batch([41], seed=4)["input_ids"]
+    runs = {mode: build_cache(model, "random", capacity=12, evict="every_forward", positions=mode)
+            for mode in ("shifted", "original")}
+    for cache in runs.values():
+        stream(model, ids[:, :20], cache, chunk=5)
+        stream(model, ids[:, 20:-1], cache, chunk=1)
+    shifted = runs["shifted"].layers[0]
+    assert shifted.shift.lag is not None and bool((shifted.shift.lag != 0).any())
+    last = stream(model, ids[:, -1:], runs["shifted"], chunk=1)[:, -1]
+    kept = runs["original"].layers[0].kept()[2][0, 0]  # original positions of the 12 kept tokens
+    tokens = torch.cat([ids[:, kept.cpu()], ids[:, -1:]], dim=1)
+    with torch.no_grad():
+        authors = model(input_ids=tokens, position_ids=on_device(torch.arange(13)).unsqueeze(0)).logits[:, -1]
+    assert torch.allclose(last, authors, atol=1e-5)
