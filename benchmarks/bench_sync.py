@@ -1,0 +1,58 @@
+"""CUDA only: count host-device synchronisations in one unpadded decode step with torch.profiler."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from buzz_lm_eval.cache import build_cache
+from buzz_lm_eval.compat import cache_kwargs
+
+from bench_run import decode, prefill
+
+# profiler event names that mean the host waited for the device (a .item()/bool() of a CUDA
+# tensor shows as aten::item -> aten::_local_scalar_dense -> cudaStreamSynchronize)
+SYNC_EVENTS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize",
+               "aten::item", "aten::_local_scalar_dense")
+SYNC_POLICIES = ("full", "buzz", "h2o")  # full: what transformers' own decode step does
+
+
+def step_syncs(model, policy: str, budget: int, length: int, chunk: int) -> dict[str, int]:
+    """Sync events in one profiled decode step after a ``length``-token prefill and 2 warm-up steps.
+
+    The cache is built without ``sync_timing`` (its timer synchronises on purpose) and the step
+    is a bare forward of one unpadded token (no attention mask).
+    """
+    sizes = {} if policy == "full" else {"budget": budget, "evict": "every_forward"}
+    cache = build_cache(model, policy, **sizes)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+    token = prefill(model, cache, ids.to(model.device), chunk)
+    _, _, token = decode(model, cache, token, 2, "cuda")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
+    counts = Counter(event.name for event in prof.events() if event.name in SYNC_EVENTS)
+    return {name: counts[name] for name in SYNC_EVENTS}
+
+
+def sync_check(model, budget: int, length: int, chunk: int) -> list[dict]:
+    """One row per policy of SYNC_POLICIES: its sync counts and their total."""
+    rows = []
+    for policy in SYNC_POLICIES:
+        counts = step_syncs(model, policy, budget, length, chunk)
+        rows.append({"policy": policy, "budget": None if policy == "full" else budget, "length": length,
+                     "counts": counts, "total": sum(counts.values())})
+    return rows
+
+
+def sync_markdown(rows: list[dict]) -> str:
+    """The profiler section: one row per policy, one column per event name."""
+    lines = ["| policy | budget | context | " + " | ".join(SYNC_EVENTS) + " | total |",
+             "|" + "---|" * (len(SYNC_EVENTS) + 4)]
+    for row in rows:
+        cells = [row["policy"], str(row["budget"] or "-"), str(row["length"])]
+        cells += [str(row["counts"][name]) for name in SYNC_EVENTS] + [str(row["total"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

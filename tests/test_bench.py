@@ -1,0 +1,128 @@
+"""The cache benchmark's measurements and target verdicts (benchmarks/), on a tiny model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from buzz_lm_eval.cache import build_cache
+
+from . import conftest
+from .conftest import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_cache  # noqa: E402
+import bench_run  # noqa: E402
+import bench_targets as targets  # noqa: E402
+
+
+def small_args(*extra: str):
+    return bench_cache.parse_args(["--lengths", "48", "--budgets", "16", "--steps", "3", "--chunk", "16",
+                                   "--device", conftest.DEVICE.type, *extra])
+
+
+def test_probe_reads_held_tokens_and_resident_bytes():
+    model = tiny_model("llama")
+    cache = build_cache(model, "full")
+    probe = bench_run.Probe(cache)
+    ids = conftest.on_device(torch.arange(48).view(1, 48))
+    token = bench_run.prefill(model, cache, ids, 16, probe)
+    times, fired, _ = bench_run.decode(model, cache, token, 2, conftest.DEVICE.type, probe)
+    assert probe.held == pytest.approx([16, 32, 48, 49, 50])
+    assert len(times) == 2 and fired == 0
+    per_token = bench_run.kv_bytes_per_token(cache)
+    assert per_token == 2 * 2 * 2 * 16 * 4  # layers x (keys, values) x KV heads x head dim x float32
+    assert [r >= n * per_token for r, n in zip(probe.resident, probe.held)] == [True] * 5
+
+
+def test_resident_bytes_count_a_shared_storage_once():
+    model = tiny_model("llama")
+    cache = build_cache(model, "full")
+    bench_run.prefill(model, cache, conftest.on_device(torch.arange(8).view(1, 8)), 8)
+    for layer in cache.layers:  # keys and values as views of one spare-capacity buffer per layer
+        buffer = torch.zeros(2, 1, 2, 64, 16, device=layer.keys.device)
+        layer.keys, layer.values = buffer[0, :, :, :8], buffer[1, :, :, :8]
+    assert bench_run.resident_kv_bytes(cache) == 2 * (2 * 2 * 64 * 16 * 4)
+
+
+def test_side_by_side_cases_stay_within_budget_and_bound():
+    model = tiny_model("llama")
+    args = small_args()
+    specs = [bench_run.Spec("tiny", "full", None, 48), bench_run.Spec("tiny", "h2o", 16, 48, "every_forward"),
+             bench_run.Spec("tiny", "snapkv", 16, 48, "after_prefill")]
+    full, h2o, snapkv = rows = bench_run.run_cases(model, specs, 3, args)
+    bench_run.add_ratios(rows)
+    per_token = 2 * 2 * 2 * 16 * 4
+    assert (full["kv_bound"], full["within_bound"], full["within_budget"]) == (None, None, None)
+    assert h2o["evictions"] == 3 and h2o["peak_tokens_decode"] == pytest.approx(16) and h2o["within_budget"]
+    assert h2o["kv_bound"] == (16 + 16) * per_token and h2o["within_bound"]
+    assert snapkv["evict"] == "after_prefill" and snapkv["within_budget"] is None
+    assert snapkv["peak_tokens_decode"] == pytest.approx(15 + 2 + 3)  # compressed to N - 1, then grows
+    assert snapkv["kv_bound"] == 48 * per_token and snapkv["within_bound"]
+    assert [r["steps"] for r in rows] == [3, 3, 3]
+    assert full["prefill_x_full"] == 1.0 and h2o["decode_x_full"] > 0
+
+
+def row(policy: str, evict: str | None = "every_forward", **values) -> dict:
+    base = {"model": "wide", "policy": policy, "evict": evict, "budget": 1024, "length": 4096, "steps": 32,
+            "evict_ms": 0.5, "step_ms": 20.0, "evict_share_pct": 2.5, "evictions": 0, "step_ms_median": 20.0}
+    return base | values
+
+
+def test_step_target_uses_the_noise_allowance():
+    limit = 1 + targets.NOISE_ALLOWANCE_PCT / 100
+    reference = row("full", None, budget=None, length=1024)
+    section = {"reference": [reference, reference], "noise_pct": 0.5, "rows": [
+        row("h2o", step_x_ref=limit - 0.001, ref_step_ms_median=20.0),
+        row("tova", step_x_ref=limit + 0.001, ref_step_ms_median=20.0)]}
+    lines = targets.step_lines(section)
+    assert "**PASS** wide h2o" in lines[1] and "**FAIL** wide tova" in lines[2]
+    assert not any("warning" in line for line in lines)
+    assert "warning" in targets.step_lines(section | {"noise_pct": 9.0})[1]
+
+
+def test_buzz_every_forward_share_is_judged_on_its_amortised_cycle():
+    section = {"rows": [row("buzz", evict_share_pct=0.1), row("buzz", "after_prefill", evict_share_pct=0.1),
+                        row("h2o", evict_share_pct=6.0)]}
+    cycle = row("buzz", steps=729, evictions=1, evict_share_pct=7.0)
+    lines = targets.evict_share_lines(section, [cycle])
+    assert lines[0].startswith("- **FAIL** wide buzz every_forward") and "729 steps" in lines[0]
+    assert lines[1].startswith("- **PASS** wide buzz after_prefill")
+    assert lines[2].startswith("- **FAIL** wide h2o")
+
+
+def test_memory_and_prefill_verdicts():
+    inside = row("h2o", kv_resident_peak=10, kv_bound=10, within_bound=True)
+    over = row("local", kv_resident_peak=11, kv_bound=10, within_bound=False)
+    assert targets.memory_lines({"t": [inside]})[0].startswith("- **PASS** t:")
+    failed = targets.memory_lines({"t": [inside, over]})[0]
+    assert failed.startswith("- **FAIL** t:") and "over: wide local" in failed
+    prefill = [row("full", None, budget=None, prefill_x_full=1.0, prefill_s=1.0),
+               row("h2o", prefill_x_full=1.25, prefill_s=1.25), row("buzz", prefill_x_full=1.1, prefill_s=1.1),
+               row("local", prefill_x_full=2.0, prefill_s=2.0)]
+    lines = targets.prefill_lines(prefill)
+    assert [line[:10] for line in lines] == ["- **FAIL**", "- **PASS**"]  # local keeps no scores: not judged
+
+
+def test_host_sync_verdicts():
+    assert targets.gpu_lines([], None, "cpu")[0].startswith("- info: host-sync check")
+    syncs = [{"policy": "full", "budget": None, "length": 4096, "counts": {"aten::item": 1}, "total": 1},
+             {"policy": "buzz", "budget": 1024, "length": 4096, "counts": {"aten::item": 0}, "total": 0},
+             {"policy": "h2o", "budget": 1024, "length": 4096, "counts": {"cudaStreamSynchronize": 2}, "total": 2}]
+    lines = targets.gpu_lines([], syncs, "cuda")
+    assert [line.split()[1] for line in lines] == ["info:", "**PASS**", "**FAIL**"]
+    assert "cudaStreamSynchronize x2" in lines[2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budgets", "0"], "--budgets needs positive integers, got [0]"),
+    (["--policies", "buzz,nope"], "unknown policies ['nope']; valid: full,"),
+    (["--chunk", "-1"], "--chunk needs positive integers, got [-1]"),
+])
+def test_bad_options_stop_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_cache.parse_args(argv)
+    assert message in capsys.readouterr().err
