@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 SCORE_BLOCK_ELEMENTS = 1 << 24  # logits elements of one query block off the CPU (memory bound)
-SCORE_BLOCK_ELEMENTS_CPU = 1 << 20  # on CPU: a block whose logits stay in the L2 cache
+SCORE_BLOCK_ELEMENTS_CPU = 1 << 20  # on CPU: a block's logits (4 MiB) stay in the cores' L2 caches
 _HIDDEN = torch.finfo(torch.float32).min  # finite: a row that sees nothing stays NaN-free
 
 
@@ -44,7 +44,7 @@ def _one_pass(query, key, value, visible, scaling, window, softcap):
     zero, alpha = rows.new_zeros(()), scaling / (softcap or 1.0)  # the scaling is folded into the GEMM
     keys_t, values = key.flatten(0, 1).transpose(1, 2), value.flatten(0, 1)  # views: K/V never copied
     block = _block_queries(pairs * groups, length, dim, groups, query.device)
-    flags, weights = _visibility_and_weights(visible, kv_heads, groups)
+    flags, weights = _visibility_and_weights(visible, batch, kv_heads, groups)
     future = _future_bias(min(block, q_len), query.device) if visible is None and q_len > 1 else None
     total = None
     output = value.new_empty(pairs, q_len * groups, value.shape[-1])
@@ -86,7 +86,7 @@ def _accumulate(total: torch.Tensor | None, part: torch.Tensor, length: int) -> 
     return total
 
 
-def _visibility_and_weights(visible, kv_heads: int, groups: int):
+def _visibility_and_weights(visible, batch: int, kv_heads: int, groups: int):
     """``visible`` as 0/1 bytes and each row's weight ([B*H_kv, 1, q*G] float32: 0 for padding).
 
     A padding query sees nothing: its logits all get the same finite bias (no NaN) and its row
@@ -95,7 +95,7 @@ def _visibility_and_weights(visible, kv_heads: int, groups: int):
     if visible is None:
         return None, None
     flags = visible.view(torch.uint8)  # byte reductions are vectorised; bool ones are not
-    batch, q_len = visible.shape[0], visible.shape[2]
+    q_len = visible.shape[2]
     live = flags.amax(dim=-1, keepdim=True).expand(batch, kv_heads, q_len, groups)
     return flags, live.to(torch.float32).reshape(batch * kv_heads, 1, q_len * groups)
 

@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from buzz_lm_eval import score_attention
+from buzz_lm_eval import attention, score_attention
+from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.score_attention import attention_with_scores, softcapped_attention
+
+from .conftest import tiny_model
+from .test_cache import random_batch
 
 
 def eager(query, key, value, visible, scaling, softcap=None):
@@ -135,3 +139,36 @@ def test_kernel_runs_without_autograd_and_training_path_has_gradients():
     assert torch.allclose(trained, output, atol=1e-5)
     trained.sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (query, key, value))
+
+
+def eager_with_scores(query, key, value, visible, scaling, window=None, softcap=None):
+    """``attention_with_scores`` computed the direct way: the reference for whole-model runs."""
+    probs, output = eager(query, key, value, visible, scaling, softcap)
+    return output.to(value.dtype), group_sum(probs, key.shape[1], window)
+
+
+def kept_and_generated(model, policy, batch, chunk):
+    """Positions kept by every layer and greedy tokens: a chunked prefill, then decode steps."""
+    cache = build_cache(model, policy, budget=24)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            logits = model(input_ids=ids[:, start : start + chunk], attention_mask=mask[:, : start + chunk],
+                           past_key_values=cache).logits
+        tokens = [logits[:, -1:].argmax(-1)]
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            tokens.append(model(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1))
+    return [layer.positions.clone() for layer in cache.layers], torch.cat(tokens, dim=1)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "buzz", "snapkv", "pyramidkv", "tova"])
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_policies_keep_the_same_tokens_as_with_eager_scores(monkeypatch, policy, arch):
+    model = tiny_model(arch, seed=3)
+    batch = random_batch([70, 52], seed=4)  # left padding: padding queries in the first chunks
+    kept, generated = kept_and_generated(model, policy, batch, chunk=16)
+    monkeypatch.setattr(attention, "attention_with_scores", eager_with_scores)
+    kept_eager, generated_eager = kept_and_generated(model, policy, batch, chunk=16)
+    assert torch.equal(generated, generated_eager)
+    assert all(torch.equal(a, b) for a, b in zip(kept, kept_eager, strict=True))
