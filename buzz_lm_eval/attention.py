@@ -52,17 +52,18 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
     layer = claim_layer(key)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")  # Gemma 2 caps its logits; sdpa cannot
+    dropout = kwargs.get("dropout", 0.0)
     if layer is None:
         if softcap is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if module.training:
-            return softcapped_attention(query, key, value, attention_mask, scaling, softcap, kwargs.get("dropout", 0.0)), None
+            return softcapped_attention(query, key, value, attention_mask, scaling, softcap, dropout), None
         return attention_with_scores(query, key, value, attention_mask, scaling, softcap=softcap)[0], None
     with layer.stats.timer():
         visible = layer.visibility(attention_mask, query.shape[2])
     scores = None
     if module.training and softcap is not None:
-        output = softcapped_attention(query, key, value, visible, scaling, softcap, kwargs.get("dropout", 0.0))
+        output = softcapped_attention(query, key, value, visible, scaling, softcap, dropout)
     elif softcap is not None or (layer.needs_attention and not module.training):
         window = layer.policy.query_window
         output, scores = attention_with_scores(query, key, value, visible, scaling, window, softcap)

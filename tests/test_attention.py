@@ -49,7 +49,8 @@ def views(batch, kv_heads, length, dim, spare=5):
 
 def padded_mask(batch, heads, q_len, length, pad):
     """Causal visibility where the last batch row's first ``pad`` tokens are padding."""
-    visible = torch.ones(q_len, length, dtype=torch.bool).tril(length - q_len).expand(batch, heads, q_len, length).clone()
+    causal = torch.ones(q_len, length, dtype=torch.bool).tril(length - q_len)
+    visible = causal.expand(batch, heads, q_len, length).clone()
     visible[-1, :, :, :pad] = False
     return visible
 
@@ -158,7 +159,8 @@ def kept_and_generated(model, policy, batch, chunk):
         tokens = [logits[:, -1:].argmax(-1)]
         for _ in range(6):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            tokens.append(model(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1))
+            logits = model(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache).logits
+            tokens.append(logits[:, -1:].argmax(-1))
     return [layer.positions.clone() for layer in cache.layers], torch.cat(tokens, dim=1)
 
 
@@ -172,3 +174,19 @@ def test_policies_keep_the_same_tokens_as_with_eager_scores(monkeypatch, policy,
     kept_eager, generated_eager = kept_and_generated(model, policy, batch, chunk=16)
     assert torch.equal(generated, generated_eager)
     assert all(torch.equal(a, b) for a, b in zip(kept, kept_eager, strict=True))
+
+
+def test_gemma2_in_training_mode_gets_gradients_through_capped_attention():
+    from .test_families import family_model
+
+    model = family_model("gemma2", seed=2)
+    ids = random_batch([19])["input_ids"]
+    build_cache(model, "h2o", heavy=100, recent=100)  # switches the model to the score-capturing attention
+    assert model.config._attn_implementation == attention.ATTN_IMPLEMENTATION
+    with torch.no_grad():
+        evaluated = model(input_ids=ids).logits
+    model.train()  # no dropout in this config: the same function, now differentiable
+    trained = model(input_ids=ids).logits
+    assert torch.allclose(trained, evaluated, atol=1e-5)
+    trained.sum().backward()
+    assert all(p.grad is not None for p in model.model.layers[0].self_attn.q_proj.parameters())
