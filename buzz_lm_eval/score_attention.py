@@ -1,0 +1,133 @@
+"""Attention that also returns the probabilities each key received, from one pass over the keys.
+
+``attention_with_scores`` is the inference kernel behind score-capturing policies (and Gemma 2's
+capped logits, which torch's sdpa cannot apply); ``softcapped_attention`` is its differentiable
+counterpart for modules in training mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCORE_BLOCK_ELEMENTS = 1 << 24  # logits elements of one query block off the CPU (memory bound)
+SCORE_BLOCK_ELEMENTS_CPU = 1 << 20  # on CPU: a block's logits (4 MiB) stay in the cores' L2 caches
+_HIDDEN = torch.finfo(torch.float32).min  # finite: a row that sees nothing stays NaN-free
+
+
+def attention_with_scores(
+    query, key, value, visible, scaling: float, window: int | None = None, softcap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and the probabilities each key received, from one pass over the keys.
+
+    Queries are processed in blocks sized to stay in cache (no [B, H, q, L] tensor is ever
+    whole); each block's logits give both its output and its probabilities, summed over queries
+    and over the query heads of each KV group (HF ``repeat_kv`` order). Returns the output as the
+    sdpa function does ([B, q, H_q, D]) and the [B, H_kv, L] float32 scores. With ``window`` only
+    the last ``window`` queries count in the scores (a policy's ``query_window``). ``softcap``
+    caps the logits as Gemma 2's eager attention does (``cap * tanh(logits / cap)`` before the
+    mask). ``visible`` is a [B, 1|H_kv, q, L] bool mask or None (plain causal). The keys end with
+    the queries' own tokens and attention is causal: query i never sees keys past ``L - q + i``,
+    which are skipped. Rows of padding queries (nothing visible) see nothing: their output and
+    probabilities are 0. ``key``/``value`` may be strided views (a slice of a larger buffer).
+    Inference only: computed without autograd.
+    """
+    with torch.no_grad():
+        return _one_pass(query, key, value, visible, scaling, window, softcap)
+
+
+def _one_pass(query, key, value, visible, scaling, window, softcap):
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups, past, pairs = q_heads // kv_heads, length - q_len, batch * kv_heads
+    # rows (query, group) of each KV head: a query block is a contiguous row range (a view at q=1)
+    rows = query.view(batch, kv_heads, groups, q_len, dim).transpose(2, 3).reshape(pairs, q_len * groups, dim)
+    zero, alpha = rows.new_zeros(()), scaling / (softcap or 1.0)  # the scaling is folded into the GEMM
+    keys_t, values = key.flatten(0, 1).transpose(1, 2), value.flatten(0, 1)  # views: K/V never copied
+    block = _block_queries(pairs * groups, length, dim, groups, query.device)
+    flags, weights = _visibility_and_weights(visible, batch, kv_heads, groups)
+    future = _future_bias(min(block, q_len), query.device) if visible is None and q_len > 1 else None
+    total = None
+    output = value.new_empty(pairs, q_len * groups, value.shape[-1])
+    for start in range(0, q_len, block):
+        stop = min(q_len, start + block)
+        size, seen = stop - start, past + stop  # keys past ``seen`` are in every row's future
+        logits = torch.baddbmm(zero, rows[:, start * groups : stop * groups], keys_t[:, :, :seen], beta=0, alpha=alpha)
+        logits = logits if logits.dtype == torch.float32 else logits.float()
+        if softcap is not None:
+            logits.tanh_().mul_(softcap)
+        if flags is not None:  # additive bias: 0 where visible, a huge negative where not
+            bias = flags[:, :, start:stop, None, :seen].to(torch.float32).sub_(1.0).mul_(-_HIDDEN)
+            logits.view(batch, kv_heads, size, groups, seen).add_(bias)
+        elif future is not None:
+            logits.view(pairs, size, groups, seen)[..., past + start :].add_(future[:size, :, :size])
+        probs = torch.softmax(logits, dim=-1, out=logits)
+        counted = groups * max(0, q_len - window - start) if window is not None else 0
+        if counted < size * groups:
+            if weights is None:
+                part = probs[:, counted:].sum(dim=1)
+            else:
+                part = torch.bmm(weights[:, :, start * groups + counted : stop * groups], probs[:, counted:]).squeeze(1)
+            total = _accumulate(total, part, length)
+        torch.bmm(probs.to(value.dtype), values[:, :seen], out=output[:, start * groups : stop * groups])
+    output = output.view(batch, kv_heads, q_len, groups, -1)
+    if weights is not None:  # padding queries: their (finite) rows were computed, then dropped
+        output *= weights.view(batch, kv_heads, q_len, groups, 1).to(output.dtype)
+    total = total if total is not None else torch.zeros(pairs, length, dtype=torch.float32, device=query.device)
+    return output.transpose(1, 2).reshape(batch, q_len, q_heads, -1), total.view(batch, kv_heads, length)
+
+
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor, length: int) -> torch.Tensor:
+    """``total`` [pairs, length] plus ``part`` [pairs, seen] on its first ``seen`` keys."""
+    if total is None:
+        if part.shape[-1] == length:
+            return part  # a single block: no zero-filled buffer to add into
+        total = part.new_zeros(part.shape[0], length)
+    total[:, : part.shape[-1]] += part
+    return total
+
+
+def _visibility_and_weights(visible, batch: int, kv_heads: int, groups: int):
+    """``visible`` as 0/1 bytes and each row's weight ([B*H_kv, 1, q*G] float32: 0 for padding).
+
+    A padding query sees nothing: its logits all get the same finite bias (no NaN) and its row
+    is weighted 0. None, None for plain causal attention.
+    """
+    if visible is None:
+        return None, None
+    flags = visible.view(torch.uint8)  # byte reductions are vectorised; bool ones are not
+    q_len = visible.shape[2]
+    live = flags.amax(dim=-1, keepdim=True).expand(batch, kv_heads, q_len, groups)
+    return flags, live.to(torch.float32).reshape(batch * kv_heads, 1, q_len * groups)
+
+
+def _future_bias(size: int, device) -> torch.Tensor:
+    """[size, 1, size] float32: 0 on and below the diagonal, a huge negative above it."""
+    upper = torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(size, 1, size, device=device).masked_fill_(upper.unsqueeze(1), _HIDDEN)
+
+
+def _block_queries(rows_per_query: int, length: int, dim: int, groups: int, device: torch.device) -> int:
+    """Queries per block: its logits stay in cache on CPU (memory is the bound elsewhere), but
+    at least ``dim`` rows per KV head, so that re-reading the keys does not dominate."""
+    elements = SCORE_BLOCK_ELEMENTS_CPU if device.type == "cpu" else SCORE_BLOCK_ELEMENTS
+    return max(-(-dim // groups), elements // max(1, rows_per_query * length))
+
+
+def softcapped_attention(query, key, value, visible, scaling: float, softcap: float, dropout: float = 0.0):
+    """Gemma 2's eager capped attention with autograd (training); [B, q, H_q, D] like sdpa's."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = torch.tanh(query @ key.transpose(-1, -2) * (scaling / softcap)) * softcap
+    if visible is None:
+        length, q_len = key.shape[2], query.shape[2]
+        visible = torch.ones(1, 1, q_len, length, dtype=torch.bool, device=query.device).tril(length - q_len)
+    probs = logits.masked_fill(~expand_to_query_heads(visible, query), float("-inf")).softmax(-1).nan_to_num(0.0)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    return (probs.to(value.dtype) @ value).transpose(1, 2)
+
+
+def expand_to_query_heads(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """A [B, H_kv, q, L] mask repeated for the query heads of each group (HF ``repeat_kv`` order)."""
+    if mask is None or mask.shape[1] in (1, query.shape[1]):
+        return mask
+    return mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
