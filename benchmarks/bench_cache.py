@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -25,7 +24,9 @@ from buzz_lm_eval.machine import hardware
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 
 import bench_targets as targets
-from bench_run import SHAPES, Spec, add_ratios, decode, load_model, policy_specs, prefill, run_case, run_cases, sync  # noqa: F401
+from bench_run import (  # noqa: F401  (prefill, decode, sync: for scripts importing this module)
+    SHAPES, Spec, add_ratios, decode, load_model, policy_specs, prefill, regime_of, run_case, run_cases, sync,
+)
 from bench_selection import selection_bench, selection_markdown
 from bench_sync import sync_check, sync_markdown
 
@@ -141,11 +142,19 @@ def decode_section(model, name: str, length: int, budget: int, args) -> dict:
     return {"reference": [first, second], "rows": rows, "noise_pct": 100 * (high - low) / low}
 
 
-def main_table(model, name: str, args) -> list[dict]:
-    """Every policy at every budget and length; on CPU the cases of one length run side by side."""
+def main_table(model, name: str, budget: int, args) -> list[dict]:
+    """Every policy at every budget and length; on CPU the cases of one length run side by side.
+
+    From the prefill target's length up, the score policies also run under after_prefill at
+    ``budget``: their score capture then covers the whole prompt (under every_forward each chunk
+    attends to the budget plus a chunk only, which makes their prefill cheaper than the full cache's).
+    """
     rows = []
     for length in args.lengths:
         specs = policy_specs(name, args.policies, args.budgets, length)
+        if length >= targets.TARGET_PREFILL_LENGTH:
+            specs += [Spec(name, policy, budget, length, "after_prefill") for policy in targets.SCORE_POLICIES
+                      if policy in args.policies and regime_of(policy, budget, args.evict) != "after_prefill"]
         groups = [specs] if args.device == "cpu" else [[spec] for spec in specs]  # CUDA: a GPU peak per case
         rows += [row for group in groups for row in run_cases(model, group, args.steps, args)]
     add_ratios(rows)
@@ -167,12 +176,13 @@ def main(argv=None) -> None:
     selection = selection_bench(args.device)
     print(selection_markdown(selection), flush=True)
 
+    budget = TARGET_BUDGET if TARGET_BUDGET in args.budgets else max(args.budgets)
     model = load_model(main_shape, args)
-    rows = main_table(model, name, args)
-    print(f"## Prefill, decode and KV memory of every policy ({name}, evict: {args.evict})\n")
+    rows = main_table(model, name, budget, args)
+    print(f"## Prefill, decode and KV memory of every policy ({name}, evict: {args.evict}; score policies also "
+          f"after_prefill at budget {budget} from {targets.TARGET_PREFILL_LENGTH} tokens)\n")
     print(markdown(rows) + "\n", flush=True)
 
-    budget = TARGET_BUDGET if TARGET_BUDGET in args.budgets else max(args.budgets)
     length = args.decode_context
     decode_name, decode_model = (name, model) if args.device == "cuda" or args.pretrained else ("wide", None)
     decode_model = decode_model or load_model(decode_name, args)

@@ -12,15 +12,18 @@ from buzz_lm_eval.compat import cache_kwargs
 
 from bench_run import decode, prefill
 
-# profiler event names that mean the host waited for the device (a .item()/bool() of a CUDA
-# tensor shows as aten::item -> aten::_local_scalar_dense -> cudaStreamSynchronize)
-SYNC_EVENTS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize",
-               "aten::item", "aten::_local_scalar_dense")
+# CUDA runtime calls that make the host wait for the device: a .item()/bool()/.cpu() of a CUDA
+# tensor shows as aten::item -> aten::_local_scalar_dense -> cudaStreamSynchronize
+SYNC_EVENTS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+# shown for context: on a CPU tensor (transformers does some) they do not wait for the device
+SCALAR_EVENTS = ("aten::item", "aten::_local_scalar_dense")
+EVENTS = SYNC_EVENTS + SCALAR_EVENTS
 SYNC_POLICIES = ("full", "buzz", "h2o")  # full: what transformers' own decode step does
 
 
 def step_syncs(model, policy: str, budget: int, length: int, chunk: int) -> dict[str, int]:
-    """Sync events in one profiled decode step after a ``length``-token prefill and 2 warm-up steps.
+    """EVENTS counts, and ``cuda_calls`` (every CUDA runtime call), in one profiled decode step
+    after a ``length``-token prefill and 2 warm-up steps.
 
     The cache is built without ``sync_timing`` (its timer synchronises on purpose) and the step
     is a bare forward of one unpadded token (no attention mask).
@@ -33,26 +36,27 @@ def step_syncs(model, policy: str, budget: int, length: int, chunk: int) -> dict
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
         model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
-    counts = Counter(event.name for event in prof.events() if event.name in SYNC_EVENTS)
-    return {name: counts[name] for name in SYNC_EVENTS}
+    counts = Counter(event.name for event in prof.events())
+    calls = sum(n for name, n in counts.items() if name.startswith("cuda"))
+    return {name: counts[name] for name in EVENTS} | {"cuda_calls": calls}
 
 
 def sync_check(model, budget: int, length: int, chunk: int) -> list[dict]:
-    """One row per policy of SYNC_POLICIES: its sync counts and their total."""
+    """One row per policy of SYNC_POLICIES: its event counts and ``syncs``, the SYNC_EVENTS total."""
     rows = []
     for policy in SYNC_POLICIES:
         counts = step_syncs(model, policy, budget, length, chunk)
         rows.append({"policy": policy, "budget": None if policy == "full" else budget, "length": length,
-                     "counts": counts, "total": sum(counts.values())})
+                     "counts": counts, "syncs": sum(counts[name] for name in SYNC_EVENTS)})
     return rows
 
 
 def sync_markdown(rows: list[dict]) -> str:
     """The profiler section: one row per policy, one column per event name."""
-    lines = ["| policy | budget | context | " + " | ".join(SYNC_EVENTS) + " | total |",
-             "|" + "---|" * (len(SYNC_EVENTS) + 4)]
+    names = EVENTS + ("cuda_calls",)
+    lines = ["| policy | budget | context | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 3)]
     for row in rows:
         cells = [row["policy"], str(row["budget"] or "-"), str(row["length"])]
-        cells += [str(row["counts"][name]) for name in SYNC_EVENTS] + [str(row["total"])]
+        cells += [str(row["counts"][name]) for name in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

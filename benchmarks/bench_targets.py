@@ -126,8 +126,13 @@ def gpu_lines(rows: list[dict], syncs: list[dict] | None, device: str) -> list[s
         lines.append(f"- info: host-sync check of a decode step not run on {device} (it needs --device cuda)")
         return lines
     for row in syncs:
-        found = ", ".join(f"{name} x{n}" for name, n in row["counts"].items() if n) or "none"
-        mark = "info:" if row["policy"] == "full" else verdict(row["total"] == 0)
-        lines.append(f"- {mark} no host sync in one unpadded decode step, {row['policy']}"
-                     f"{'' if row['budget'] is None else ' budget ' + str(row['budget'])} at {row['length']}: {found}")
+        found = ", ".join(f"{name} x{n}" for name, n in row["counts"].items() if n and name != "cuda_calls")
+        where = f"{row['policy']}{'' if row['budget'] is None else ' budget ' + str(row['budget'])} at {row['length']}"
+        if not row["counts"]["cuda_calls"]:
+            lines.append(f"- **FAIL** host-sync check of {where}: the profiler recorded no CUDA runtime call, "
+                         "so it cannot tell")
+            continue
+        mark = "info:" if row["policy"] == "full" else verdict(row["syncs"] == 0)
+        lines.append(f"- {mark} no host sync (cuda*Synchronize) in one unpadded decode step, {where}: "
+                     f"{row['syncs']} ({found or 'no sync or scalar read'})")
     return lines

@@ -109,12 +109,17 @@ def test_memory_and_prefill_verdicts():
 
 def test_host_sync_verdicts():
     assert targets.gpu_lines([], None, "cpu")[0].startswith("- info: host-sync check")
-    syncs = [{"policy": "full", "budget": None, "length": 4096, "counts": {"aten::item": 1}, "total": 1},
-             {"policy": "buzz", "budget": 1024, "length": 4096, "counts": {"aten::item": 0}, "total": 0},
-             {"policy": "h2o", "budget": 1024, "length": 4096, "counts": {"cudaStreamSynchronize": 2}, "total": 2}]
+
+    def sync_row(policy, syncs, **counts):
+        return {"policy": policy, "budget": None if policy == "full" else 1024, "length": 4096,
+                "counts": {"cuda_calls": 50} | counts, "syncs": syncs}
+
+    syncs = [sync_row("full", 0, **{"aten::item": 1}), sync_row("buzz", 0),
+             sync_row("h2o", 2, cudaStreamSynchronize=2), sync_row("tova", 0, cuda_calls=0)]
     lines = targets.gpu_lines([], syncs, "cuda")
-    assert [line.split()[1] for line in lines] == ["info:", "**PASS**", "**FAIL**"]
-    assert "cudaStreamSynchronize x2" in lines[2]
+    assert [line.split()[1] for line in lines] == ["info:", "**PASS**", "**FAIL**", "**FAIL**"]
+    assert "aten::item x1" in lines[0] and "cudaStreamSynchronize x2" in lines[2]
+    assert "recorded no CUDA runtime call" in lines[3]
 
 
 @pytest.mark.parametrize("argv, message", [
