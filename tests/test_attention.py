@@ -161,7 +161,7 @@ def kept_and_generated(model, policy, batch, chunk):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits = model(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache).logits
             tokens.append(logits[:, -1:].argmax(-1))
-    return [layer.positions.clone() for layer in cache.layers], torch.cat(tokens, dim=1)
+    return [layer.kept()[2].clone() for layer in cache.layers], torch.cat(tokens, dim=1)
 
 
 @pytest.mark.parametrize("policy", ["h2o", "buzz", "snapkv", "pyramidkv", "tova"])
