@@ -31,6 +31,9 @@ def attention_with_scores(
     probabilities are 0. ``key``/``value`` may be strided views (a slice of a larger buffer).
     Inference only: computed without autograd.
     """
+    if key.shape[2] < query.shape[2]:
+        raise ValueError(f"attention_with_scores needs the queries' own keys among the keys: "
+                         f"{key.shape[2]} keys for {query.shape[2]} queries")
     with torch.no_grad():
         return _one_pass(query, key, value, visible, scaling, window, softcap)
 

@@ -190,3 +190,9 @@ def test_gemma2_in_training_mode_gets_gradients_through_capped_attention():
     assert torch.allclose(trained, evaluated, atol=1e-5)
     trained.sum().backward()
     assert all(p.grad is not None for p in model.model.layers[0].self_attn.q_proj.parameters())
+
+
+def test_fewer_keys_than_queries_is_refused():
+    query, key = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="5 keys for 6 queries"):
+        attention_with_scores(query, key, key, None, 0.3)
