@@ -34,22 +34,23 @@ def check_positions(positions: str | None) -> str:
 class KeyRotation:
     """Rotates stored keys by per-token position deltas with one layer's RoPE frequencies.
 
-    Deltas are whole numbers of positions, so the cosines and sines come from a table indexed by
-    the delta (grown on demand), not from a transcendental per key.
+    Deltas are whole numbers of positions, so the cosines and sines come from one table indexed
+    by the delta (grown on demand), not from a transcendental per key.
     """
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.detach().float()
         self.rotary_dim = 2 * inv_freq.numel()
-        self._cos = self._sin = None  # [n, rotary_dim / 2] float32 tables for deltas 0 .. n - 1
+        self._table = None  # cos and sin by delta (see ``tables``)
 
-    def tables(self, bound: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[n, rotary_dim / 2] cos and sin of every delta in ``[0, bound]`` (at least), on ``device``."""
-        if self._cos is None or self._cos.shape[0] <= bound or self._cos.device != torch.device(device):
-            size = max(bound + 1, 2 * (0 if self._cos is None else self._cos.shape[0]))
-            angles = torch.arange(size, device=device).unsqueeze(-1).float() * self.inv_freq.to(device)
-            self._cos, self._sin = angles.cos(), angles.sin()
-        return self._cos, self._sin
+    def tables(self, bound: int, device) -> torch.Tensor:
+        """[2n + 1, 2, rotary_dim / 2] cos and sin of every delta in ``[-n, n]``, ``n >= bound``; row
+        ``n + d`` holds delta ``d``."""
+        if self._table is None or self._table.shape[0] <= 2 * bound or self._table.device != torch.device(device):
+            size = max(bound, 0 if self._table is None else self._table.shape[0] - 1)
+            angles = torch.arange(-size, size + 1, device=device).unsqueeze(-1).float() * self.inv_freq.to(device)
+            self._table = torch.stack([angles.cos(), angles.sin()], dim=1)
+        return self._table
 
     def rotate_(self, keys: torch.Tensor, delta: torch.Tensor, bound: int) -> torch.Tensor:
         """Rotate ``keys`` [.., K, D] in place by ``delta`` [.., K] positions (|delta| <= ``bound``).
@@ -57,15 +58,19 @@ class KeyRotation:
         RoPE's rotate-half layout: dimension j pairs with j + rotary_dim / 2; float32 math. A
         delta of 0 leaves a key exactly as it was.
         """
-        cos, sin = self.tables(bound, keys.device)
-        cos, sin = cos[delta.abs()], sin[delta.abs()] * delta.sign().unsqueeze(-1)
+        table = self.tables(bound, keys.device)
         half = self.rotary_dim // 2
+        rows = (delta + table.shape[0] // 2).reshape(-1)
+        cos_sin = table.view(table.shape[0], -1).index_select(0, rows).view(*delta.shape, 2, half)
+        cos, sin = cos_sin[..., 0, :], cos_sin[..., 1, :]
         first, second = keys[..., :half], keys[..., half : self.rotary_dim]
-        x, y = first.float(), second.float()
-        new_first = (x * cos).addcmul_(y, sin, value=-1)
-        new_second = (y * cos).addcmul_(x, sin)
-        first.copy_(new_first)
-        second.copy_(new_second)
+        x, y = first.float(), second.float()  # the keys themselves when they are float32
+        x_sin = x * sin
+        x.mul_(cos).addcmul_(y, sin, value=-1)
+        y.mul_(cos).add_(x_sin)
+        if x.data_ptr() != first.data_ptr():
+            first.copy_(x)
+            second.copy_(y)
         return keys
 
     def rotate_slots(self, keys: torch.Tensor, delta: torch.Tensor, bound: int) -> None:
@@ -81,11 +86,22 @@ class KeyRotation:
             count = int(moved.sum())
             if count == 0:
                 return
-            if 4 * count < moved.numel():
-                where = moved.nonzero(as_tuple=True)
-                keys[where] = self.rotate_(keys[where], delta[where], bound)
+            if 2 * count <= moved.numel():
+                batch, head, slot = moved.nonzero(as_tuple=True)
+                flat, step = _rows(keys)
+                rows = (batch * step[0] + head * step[1] + slot).contiguous()
+                flat.index_copy_(0, rows, self.rotate_(flat.index_select(0, rows), delta[batch, head, slot], bound))
                 return
         self.rotate_(keys, delta, bound)
+
+
+def _rows(keys: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``keys`` [B, H, K, D] (a view of a contiguous buffer) as [rows, D], and the row steps of B and H."""
+    stride_b, stride_h, stride_k, _ = keys.stride()
+    batch, heads, length, dim = keys.shape
+    step = (stride_b // stride_k, stride_h // stride_k)
+    rows = (batch - 1) * step[0] + (heads - 1) * step[1] + length
+    return keys.as_strided((rows, dim), (stride_k, 1)), step
 
 
 class ShiftedKeys:
