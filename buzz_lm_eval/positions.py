@@ -145,6 +145,14 @@ class ShiftedKeys:
         per_slot = torch.zeros_like(order).scatter_(-1, order, delta - shift)
         self.rotation.rotate_slots(keys, per_slot, bound)
 
+    def on_drop_one(self, keys: torch.Tensor, before: torch.Tensor, lag: torch.Tensor, bound: int) -> None:
+        """``on_evict`` for one dropped token per row and head: ``before`` [B, 1|H, K] marks (per slot)
+        the kept keys ahead of it (delta 1, the rest 0); ``lag`` [B, 1|H, 1] says whether this row
+        instead moves the keys after it back (c = 1, chosen by the caller when they are fewer)."""
+        shift = lag.long()
+        self.lag = shift if self.lag is None else self.lag + shift
+        self.rotation.rotate_slots(keys, before - shift, bound)
+
     def canonical(self, keys: torch.Tensor, bound: int) -> torch.Tensor:
         """A copy of stored keys [B, H, K, D] rotated at the positions the cache reports."""
         if self.lag is None:

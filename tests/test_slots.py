@@ -87,3 +87,24 @@ def test_lagging_shifted_keys_give_the_authors_logits(rope):
     with torch.no_grad():
         authors = model(input_ids=tokens, position_ids=on_device(torch.arange(13)).unsqueeze(0)).logits[:, -1]
     assert torch.allclose(last, authors, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+@pytest.mark.parametrize("policy", ["local", "streaming", "h2o", "tova", "knorm", "random"])
+def test_dropping_one_token_matches_the_general_compaction(monkeypatch, policy, positions):
+    """The decode fast path (one token leaves) stores, rotates and orders exactly as the general path."""
+    from buzz_lm_eval.cache.layer import EvictingLayer
+
+    def run():
+        model = tiny_model("llama", seed=5)
+        cache = build_cache(model, policy, budget=20, evict="every_forward", positions=positions)
+        logits = stream(model, random_batch([45], seed=6)["input_ids"], cache, chunk=1)
+        return logits, [layer.kept() for layer in cache.layers], [layer.positions for layer in cache.layers]
+
+    fast = run()
+    monkeypatch.setattr(EvictingLayer, "drop_one", EvictingLayer.compact_many)
+    general = run()
+    assert torch.equal(fast[0], general[0])
+    for (keys, values, kept), (keys_g, values_g, kept_g) in zip(fast[1], general[1], strict=True):
+        assert torch.equal(keys, keys_g) and torch.equal(values, values_g) and torch.equal(kept, kept_g)
+    assert all(torch.equal(a, b) for a, b in zip(fast[2], general[2], strict=True))  # the same slots

@@ -280,6 +280,45 @@ class EvictingLayer(DynamicLayer):
         )
 
     def compact(self, keep: torch.Tensor) -> None:
+        """Keep the tokens ``keep`` names; the common decode case (one token leaves, no padding) is cheaper."""
+        if self.padded or keep.shape[-1] != self.stored() - 1:
+            self.compact_many(keep)
+        else:
+            self.drop_one(keep)
+
+    def drop_one(self, keep: torch.Tensor) -> None:
+        """``compact`` when exactly one token of every row and head leaves and nothing is padding:
+        the last slot's token moves into the freed slot, and (under ``shifted``) the kept tokens
+        before the dropped one move one position forward, or those after it one back (whichever
+        are fewer, see ``ShiftedKeys``). Positions are monotone in the original order, so "before"
+        is read off the positions, without the order."""
+        batch, heads, length, _ = self.keys.shape
+        width = length - 1
+        if shared_indices(keep) is not None and (self.order is None or self.order.shape[1] == 1):
+            keep = keep[:, :1].expand(batch, 1, width)
+        rows = keep.shape[1]
+        span = torch.arange(width, device=self.device)
+        dropped = width - (keep != span).sum(-1, keepdim=True)  # its index in the original order
+        order = torch.arange(length, device=self.device) if self.order is None else self.order
+        order = order.expand(batch, rows, length)
+        slot = order.gather(-1, dropped)  # [B, rows, 1]
+        last = torch.full_like(slot, width)
+        self.store.keep_first(width, last.expand(batch, heads, 1), slot.expand(batch, heads, 1))
+        self.keys, self.values = self.store.keys, self.store.values
+        order = order.gather(-1, keep)
+        self.order = torch.where(order == width, slot, order)
+        positions = self.positions.expand(batch, rows, length)
+        gone = positions.gather(-1, slot)
+        positions = positions.scatter(-1, slot, positions[..., width:])[..., :width]
+        if self.key_norms is not None:
+            self.key_norms = self.key_norms.scatter(-1, slot.expand(batch, heads, 1), self.key_norms[..., width:])[..., :width]
+        if self.shift is not None:
+            before = (positions < gone).long()
+            self.shift.on_drop_one(self.keys, before, 2 * dropped > width, self.seen)
+            positions = positions + before
+        self.positions, self.evicted = positions, True
+
+    def compact_many(self, keep: torch.Tensor) -> None:
         """Keep the tokens ``keep`` names ([B, H, K] indices in original order), moving as few slots as
         possible; re-rotate them under ``positions="shifted"``."""
         batch, heads, length, _ = self.keys.shape
