@@ -82,16 +82,18 @@ class KeyRotation:
         """
         delta = delta.expand(keys.shape[:3])
         if keys.device.type == "cpu":
-            moved = delta != 0
-            count = int(moved.sum())
-            if count == 0:
+            delta = delta.reshape(-1)
+            moved = delta.nonzero().squeeze(1)  # flat (row, head, slot) indices of the keys that change
+            if moved.numel() == 0:
                 return
-            if 2 * count <= moved.numel():
-                batch, head, slot = moved.nonzero(as_tuple=True)
+            if 2 * moved.numel() <= delta.numel():
                 flat, step = _rows(keys)
-                rows = (batch * step[0] + head * step[1] + slot).contiguous()
-                flat.index_copy_(0, rows, self.rotate_(flat.index_select(0, rows), delta[batch, head, slot], bound))
+                length, heads = keys.shape[2], keys.shape[1]
+                row_head, slot = moved.div(length, rounding_mode="floor"), moved.remainder(length)
+                rows = row_head.div(heads, rounding_mode="floor") * step[0] + row_head.remainder(heads) * step[1] + slot
+                flat.index_copy_(0, rows, self.rotate_(flat.index_select(0, rows), delta.index_select(0, moved), bound))
                 return
+            delta = delta.view(keys.shape[:3])
         self.rotate_(keys, delta, bound)
 
 
