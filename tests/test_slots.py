@@ -108,3 +108,21 @@ def test_dropping_one_token_matches_the_general_compaction(monkeypatch, policy, 
     for (keys, values, kept), (keys_g, values_g, kept_g) in zip(fast[1], general[1], strict=True):
         assert torch.equal(keys, keys_g) and torch.equal(values, values_g) and torch.equal(kept, kept_g)
     assert all(torch.equal(a, b) for a, b in zip(fast[2], general[2], strict=True))  # the same slots
+
+
+@pytest.mark.parametrize("policy", ["random", "pyramidkv"])
+def test_per_layer_policies_keep_each_layers_budget_and_buffer_bound(policy):
+    """Policies built per layer (``for_layer``) carry their layer's budget: rounds repeat until it
+    holds, and the layer's buffers stay within that budget plus one chunk."""
+    model = tiny_model("llama", seed=3)
+    cache = build_cache(model, policy, budget=40, evict="every_forward")
+    budgets = [layer.policy.budget for layer in cache.layers]
+    assert all(b is not None for b in budgets)
+    if policy == "pyramidkv":
+        assert budgets == cache.policy.layer_budgets(len(cache.layers)) and budgets[0] > 40
+    chunk = 32
+    with torch.no_grad():
+        for part in random_batch([300], seed=2)["input_ids"].split(chunk, dim=1):
+            model(input_ids=part, past_key_values=cache)
+            assert all(layer.stored() <= b - 1 for layer, b in zip(cache.layers, budgets, strict=True))
+    assert all(layer.store.capacity <= b - 1 + chunk for layer, b in zip(cache.layers, budgets, strict=True))

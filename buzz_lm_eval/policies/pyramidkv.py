@@ -54,4 +54,7 @@ class PyramidKVPolicy(SnapKVPolicy):
 
     def for_layer(self, layer_idx: int, n_layers: int) -> SnapKVPolicy:
         heavy = self.layer_heavy(n_layers)[layer_idx]
-        return SnapKVPolicy(heavy, self.observation, self.kernel, self.pooling)
+        layer = SnapKVPolicy(heavy, self.observation, self.kernel, self.pooling)
+        if self.budget is not None:  # each layer keeps to its own budget (the cache's guarantee)
+            layer.budget = heavy + self.observation + 1
+        return layer

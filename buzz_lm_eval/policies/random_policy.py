@@ -62,7 +62,9 @@ class RandomPolicy(RankedPolicy):
         self.seed, self.layer = seed, layer
 
     def for_layer(self, layer_idx: int, n_layers: int) -> "RandomPolicy":
-        return RandomPolicy(self.capacity, self.seed, layer_idx)
+        layer = RandomPolicy(self.capacity, self.seed, layer_idx)
+        layer.budget = self.budget
+        return layer
 
     def ranking(self, state, current, rel):
         return uniform_scores(rel, self.seed, self.layer, state.forwards)
