@@ -308,3 +308,15 @@ def test_buzz_max_chunk_is_the_largest_chunk_that_keeps_the_budget(budget, chunk
         state.n_old = torch.full((1, 1, 1), policy.threshold)
         keep = policy.step(state, torch.rand(1, 1, 1, before + size, generator=torch.Generator().manual_seed(0)))
         assert (keep.shape[-1] <= budget - 1) == within, (size, keep.shape[-1])
+
+
+def test_dropping_one_of_the_top_ranked_matches_the_full_sort():
+    """``top_indices`` keeping all but one takes a shortcut (argmin); ties must still go to the earliest."""
+    from buzz_lm_eval.policies.ranked import top_indices
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        length = int(torch.randint(2, 40, (1,), generator=generator))
+        scores = torch.randint(0, 3, (2, 3, length), generator=generator).float()  # many ties
+        full_sort = scores.sort(dim=-1, descending=True, stable=True).indices[..., : length - 1].sort(dim=-1).values
+        assert torch.equal(top_indices(scores, length - 1), full_sort)

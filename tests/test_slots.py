@@ -126,3 +126,28 @@ def test_per_layer_policies_keep_each_layers_budget_and_buffer_bound(policy):
             model(input_ids=part, past_key_values=cache)
             assert all(layer.stored() <= b - 1 for layer, b in zip(cache.layers, budgets, strict=True))
     assert all(layer.store.capacity <= b - 1 + chunk for layer, b in zip(cache.layers, budgets, strict=True))
+
+
+@pytest.mark.parametrize("policy", ["buzz", "buzz_nomax"])
+def test_rows_with_different_histories_keep_a_consistent_slot_layout(policy):
+    """Rows whose BUZZ samples differ keep different numbers of real tokens (front-filled indices)
+    even once no padding is left: every forward must leave each row's order a permutation of
+    its slots, and two identical runs must give identical logits (no slot read uninitialised)."""
+    model = tiny_model("llama", seed=3)
+    batch = random_batch([70, 52], seed=4)
+
+    def run():
+        cache = build_cache(model, policy, budget=24, positions="original")
+        ids, mask, logits = batch["input_ids"], batch["attention_mask"], []
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], 16):
+                out = model(input_ids=ids[:, start : start + 16], attention_mask=mask[:, : start + 16],
+                            past_key_values=cache)
+                logits.append(out.logits[:, -1])
+                for layer in cache.layers:
+                    if layer.order is not None:
+                        ordered = layer.order.sort(dim=-1).values
+                        assert torch.equal(ordered, torch.arange(layer.stored(), device=ordered.device).expand_as(ordered))
+        return torch.stack(logits)
+
+    assert torch.equal(run(), run())

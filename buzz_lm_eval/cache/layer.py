@@ -281,7 +281,7 @@ class EvictingLayer(DynamicLayer):
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the tokens ``keep`` names; the common decode case (one token leaves, no padding) is cheaper."""
-        if self.padded or keep.shape[-1] != self.stored() - 1:
+        if self.padded or self.state.ragged or keep.shape[-1] != self.stored() - 1:
             self.compact_many(keep)
         else:
             self.drop_one(keep)
@@ -328,7 +328,7 @@ class EvictingLayer(DynamicLayer):
             keep = keep[:, :1].expand(batch, 1, width)
         rows = keep.shape[1]
         slots = keep if self.order is None else self.order.expand(batch, rows, length).gather(-1, keep)
-        live = real_slots(self.state.n_real, width) if self.padded else None
+        live = real_slots(self.state.n_real, width) if self.padded or self.state.ragged else None
         if live is not None:  # rows keeping fewer real tokens fill their front with unused slots
             dummy = slots.new_zeros(batch, rows, length + 1).scatter_(-1, torch.where(live, slots, length), 1)
             spare = rows_with(dummy[..., :length] == 0, width - self.state.n_real.view(-1, 1), width)

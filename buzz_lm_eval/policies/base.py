@@ -31,6 +31,7 @@ class PolicyState:
     scores: torch.Tensor | None = None  # [B, H, L] float32 accumulated attention (S)
     n_old: torch.Tensor | None = None  # [B, 1, 1] middle tokens that are earlier samples
     n_real: torch.Tensor | None = None  # [B] real (non-padding) trailing slots after the step
+    ragged: bool = False  # the last kept indices front-fill some row (it keeps fewer than the widest)
     n_old_all: int | None = None  # n_old when every row has the same one (the fast path)
     forwards: int = 0  # steps taken so far (policies whose choice varies per step, e.g. random)
 
@@ -156,6 +157,7 @@ class Policy:
             state.n_real = inp.n.view(-1)
             return None
         keep, state.n_real = _indices_from_mask(selection.keep.expand(batch, heads, length))
+        state.ragged = bool((state.n_real < keep.shape[-1]).any())  # _indices_from_mask synced already
         if state.scores is not None:
             live = real_slots(state.n_real, keep.shape[-1])
             if selection.reset is not None:
@@ -169,6 +171,7 @@ class Policy:
         """The step when every row has the same geometry: index arithmetic, no masks or sorts."""
         picked = self.pick(state, length, current, device)
         state.n_real = torch.full((batch,), length if picked is None else picked.indices.shape[-1], device=device)
+        state.ragged = False
         if picked is None:
             return None
         keep = picked.indices.expand(batch, heads, -1)

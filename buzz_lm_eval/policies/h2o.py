@@ -6,6 +6,7 @@ import torch
 
 from .base import Picked, Policy, Selection, check_sizes, span
 from .budget import split_budget
+from .ranked import top_indices
 
 
 class H2OPolicy(Policy):
@@ -45,7 +46,6 @@ class H2OPolicy(Policy):
     def pick(self, state, length, current, device):
         if length <= self.heavy + self.recent:
             return None
-        older = state.scores[..., : length - self.recent]
-        top = older.sort(dim=-1, descending=True, stable=True).indices[..., : self.heavy].sort(dim=-1).values
+        top = top_indices(state.scores[..., : length - self.recent], self.heavy)
         recent = span(length - self.recent, length, device).expand(*top.shape[:2], -1)
         return Picked(torch.cat([top, recent], dim=-1))

@@ -23,6 +23,11 @@ def top_mask(scores: torch.Tensor, candidate: torch.Tensor, count: int) -> torch
 
 def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
     """[.., count] ascending indices of the ``count`` highest scores per row/head (ties: earliest)."""
+    length = scores.shape[-1]
+    if count == length - 1:  # a decode step drops one: the lowest score, the latest of equal ones
+        dropped = length - 1 - scores.flip(-1).argmin(dim=-1, keepdim=True)
+        kept = torch.arange(count, device=scores.device)
+        return kept + (kept >= dropped)
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :count].sort(dim=-1).values
 
 
