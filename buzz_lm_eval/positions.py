@@ -47,7 +47,8 @@ class KeyRotation:
         """[2n + 1, 2, rotary_dim / 2] cos and sin of every delta in ``[-n, n]``, ``n >= bound``; row
         ``n + d`` holds delta ``d``."""
         if self._table is None or self._table.shape[0] <= 2 * bound or self._table.device != torch.device(device):
-            size = max(bound, 0 if self._table is None else self._table.shape[0] - 1)
+            held = 0 if self._table is None else self._table.shape[0] // 2
+            size = max(bound, 2 * held)  # doubling: a growing bound rebuilds the table rarely
             angles = torch.arange(-size, size + 1, device=device).unsqueeze(-1).float() * self.inv_freq.to(device)
             self._table = torch.stack([angles.cos(), angles.sin()], dim=1)
         return self._table
@@ -142,16 +143,16 @@ class ShiftedKeys:
         top = counted.amax(-1, keepdim=True)
         below_top = ((delta < top) if live is None else (delta < top) & live).sum(-1, keepdim=True)
         shift = torch.where(below_top < (counted > 0).sum(-1, keepdim=True), top, 0)
-        lag = shift if self.lag is None else self.lag + shift
-        self.lag = lag
+        self.lag = shift if self.lag is None else self.lag + shift
         per_slot = torch.zeros_like(order).scatter_(-1, order, delta - shift)
         self.rotation.rotate_slots(keys, per_slot, bound)
 
-    def on_drop_one(self, keys: torch.Tensor, before: torch.Tensor, lag: torch.Tensor, bound: int) -> None:
+    def on_drop_one(self, keys: torch.Tensor, before: torch.Tensor, bound: int) -> None:
         """``on_evict`` for one dropped token per row and head: ``before`` [B, 1|H, K] marks (per slot)
-        the kept keys ahead of it (delta 1, the rest 0); ``lag`` [B, 1|H, 1] says whether this row
-        instead moves the keys after it back (c = 1, chosen by the caller when they are fewer)."""
-        shift = lag.long()
+        the kept keys ahead of it (delta 1, the rest 0). A row where those are the majority moves the
+        keys after it back instead (c = 1), the same choice ``on_evict`` makes."""
+        ahead = before.sum(-1, keepdim=True)
+        shift = (before.shape[-1] - ahead < ahead).long()
         self.lag = shift if self.lag is None else self.lag + shift
         self.rotation.rotate_slots(keys, before - shift, bound)
 

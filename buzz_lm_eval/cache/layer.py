@@ -286,6 +286,13 @@ class EvictingLayer(DynamicLayer):
         else:
             self.drop_one(keep)
 
+    def tracked_rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """``keep`` [B, H, K] as [B, 1, K] when every head keeps the same list and the slots are still
+        tracked once per row (the order and positions are then kept per row, not per head)."""
+        if broadcast_over_heads(keep) and (self.order is None or self.order.shape[1] == 1):
+            return keep[:, :1]
+        return keep
+
     def drop_one(self, keep: torch.Tensor) -> None:
         """``compact`` when exactly one token of every row and head leaves and nothing is padding:
         the last slot's token moves into the freed slot, and (under ``shifted``) the kept tokens
@@ -294,8 +301,7 @@ class EvictingLayer(DynamicLayer):
         is read off the positions, without the order."""
         batch, heads, length, _ = self.keys.shape
         width = length - 1
-        if shared_indices(keep) is not None and (self.order is None or self.order.shape[1] == 1):
-            keep = keep[:, :1].expand(batch, 1, width)
+        keep = self.tracked_rows(keep)
         rows = keep.shape[1]
         span = torch.arange(width, device=self.device)
         dropped = width - (keep != span).sum(-1, keepdim=True)  # its index in the original order
@@ -314,7 +320,7 @@ class EvictingLayer(DynamicLayer):
             self.key_norms = self.key_norms.scatter(-1, slot.expand(batch, heads, 1), self.key_norms[..., width:])[..., :width]
         if self.shift is not None:
             before = (positions < gone).long()
-            self.shift.on_drop_one(self.keys, before, 2 * dropped > width, self.seen)
+            self.shift.on_drop_one(self.keys, before, self.seen)
             positions = positions + before
         self.positions, self.evicted = positions, True
 
@@ -323,9 +329,7 @@ class EvictingLayer(DynamicLayer):
         possible; re-rotate them under ``positions="shifted"``."""
         batch, heads, length, _ = self.keys.shape
         width = keep.shape[-1]
-        shared = shared_indices(keep) is not None and (self.order is None or self.order.shape[1] == 1)
-        if shared:  # one list for every head: track slots once per row
-            keep = keep[:, :1].expand(batch, 1, width)
+        keep = self.tracked_rows(keep)
         rows = keep.shape[1]
         slots = keep if self.order is None else self.order.expand(batch, rows, length).gather(-1, keep)
         live = real_slots(self.state.n_real, width) if self.padded or self.state.ragged else None
@@ -366,8 +370,6 @@ def key_norms(keys: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
 
 
-def shared_indices(keep: torch.Tensor) -> torch.Tensor | None:
-    """The [K] index list if ``keep`` [B, H, K] is one list broadcast to every row and head."""
-    if all(size == 1 or stride == 0 for size, stride in zip(keep.shape[:2], keep.stride()[:2])):
-        return keep[0, 0]
-    return None
+def broadcast_over_heads(keep: torch.Tensor) -> bool:
+    """Whether ``keep`` [B, H, K] is one list broadcast to every row and head (a policy's shared pick)."""
+    return all(size == 1 or stride == 0 for size, stride in zip(keep.shape[:2], keep.stride()[:2]))

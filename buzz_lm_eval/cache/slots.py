@@ -76,11 +76,6 @@ class SlotStore:
                 buffer.scatter_(2, dst.unsqueeze(-1).expand(shape), moved)
         self.n = kept
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """New live contents (dense, in order); the buffers keep their capacity when it suffices."""
-        self.n = 0
-        self.append(keys, values)
-
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep (or reorder) batch rows."""
         self._keys, self._values = self._keys[indices], self._values[indices]
