@@ -59,20 +59,22 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
         if module.training:
             return softcapped_attention(query, key, value, attention_mask, scaling, softcap, dropout), None
         return attention_with_scores(query, key, value, attention_mask, scaling, softcap=softcap)[0], None
+    q_len = query.shape[2]
+    kernel = not module.training and (softcap is not None or layer.needs_attention)
     with layer.stats.timer():
-        visible = layer.visibility(attention_mask, query.shape[2])
-        query = layer.align_query(query)
+        visible = layer.visibility(attention_mask, q_len)
+        query, key_class = layer.align_query(query, classed=kernel)
     scores = None
-    if module.training and softcap is not None:
-        output = softcapped_attention(query, key, value, visible, scaling, softcap, dropout)
-    elif softcap is not None or (layer.needs_attention and not module.training):
+    if kernel:
         window = layer.policy.query_window
-        output, scores = attention_with_scores(query, key, value, visible, scaling, window, softcap)
+        output, scores = attention_with_scores(query, key, value, visible, scaling, window, softcap, key_class)
         scores = scores if layer.needs_attention else None
+    elif softcap is not None:
+        output = softcapped_attention(query, key, value, visible, scaling, softcap, dropout)
     else:
         output, _ = sdpa_attention_forward(module, query, key, value, expand_to_query_heads(visible, query), **kwargs)
     with layer.stats.timer():
-        layer.evict(scores, query_validity(attention_mask, query.shape[2]))
+        layer.evict(scores, query_validity(attention_mask, q_len))
     return output, None
 
 

@@ -107,66 +107,6 @@ def _rows(keys: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     return keys.as_strided((rows, dim), (stride_k, 1)), step
 
 
-class ShiftedKeys:
-    """One layer's ``shifted`` positions, re-rotating as few stored keys as possible.
-
-    After an eviction, a kept key must move forward by ``delta`` (the evicted tokens after it).
-    Moving every key of a row and head by a constant ``c`` changes no attention logit if the
-    queries move by ``c`` too, so each row and head may instead rotate its keys by
-    ``delta - c`` and carry ``c`` in a ``lag``: stored keys sit ``lag`` positions behind the
-    positions the cache reports, and ``align_query``/``on_append`` put queries and new keys
-    ``lag`` positions back as well. ``c`` is 0 or the row's largest delta, whichever leaves fewer
-    keys to rotate: dropping one token per step then rotates the shorter side of it.
-    """
-
-    def __init__(self, rotation: KeyRotation):
-        self.rotation = rotation
-        self.lag: torch.Tensor | None = None  # [B, 1|H_kv, 1] positions the stored keys lag behind
-
-    def on_append(self, new_keys: torch.Tensor, bound: int) -> None:
-        """Put freshly stored keys [B, H, q, D] (a view into the store) ``lag`` positions back."""
-        if self.lag is not None:
-            self.rotation.rotate_(new_keys, -self.lag.expand(new_keys.shape[:3]), bound)
-
-    def align_query(self, query: torch.Tensor, bound: int) -> torch.Tensor:
-        """The queries [B, H_q, q, D] rotated ``lag`` positions back (grouped as ``repeat_kv``)."""
-        if self.lag is None:
-            return query
-        batch, heads, length, _ = query.shape
-        lag = self.lag.repeat_interleave(heads // self.lag.shape[1], dim=1) if self.lag.shape[1] > 1 else self.lag
-        return self.rotation.rotate_(query.clone(), -lag.expand(batch, heads, length), bound)
-
-    def on_evict(self, keys: torch.Tensor, delta: torch.Tensor, order: torch.Tensor,
-                 live: torch.Tensor | None, bound: int) -> None:
-        """Move the kept keys (slots ``order`` of ``keys``) forward by ``delta`` [B, 1|H, K] (original order)."""
-        counted = delta if live is None else torch.where(live, delta, 0)
-        top = counted.amax(-1, keepdim=True)
-        below_top = ((delta < top) if live is None else (delta < top) & live).sum(-1, keepdim=True)
-        shift = torch.where(below_top < (counted > 0).sum(-1, keepdim=True), top, 0)
-        self.lag = shift if self.lag is None else self.lag + shift
-        per_slot = torch.zeros_like(order).scatter_(-1, order, delta - shift)
-        self.rotation.rotate_slots(keys, per_slot, bound)
-
-    def on_drop_one(self, keys: torch.Tensor, before: torch.Tensor, bound: int) -> None:
-        """``on_evict`` for one dropped token per row and head: ``before`` [B, 1|H, K] marks (per slot)
-        the kept keys ahead of it (delta 1, the rest 0). A row where those are the majority moves the
-        keys after it back instead (c = 1), the same choice ``on_evict`` makes."""
-        ahead = before.sum(-1, keepdim=True)
-        shift = (before.shape[-1] - ahead < ahead).long()
-        self.lag = shift if self.lag is None else self.lag + shift
-        self.rotation.rotate_slots(keys, before - shift, bound)
-
-    def canonical(self, keys: torch.Tensor, bound: int) -> torch.Tensor:
-        """A copy of stored keys [B, H, K, D] rotated at the positions the cache reports."""
-        if self.lag is None:
-            return keys
-        return self.rotation.rotate_(keys.clone(), self.lag.expand(keys.shape[:3]), bound)
-
-    def select_batch(self, indices: torch.Tensor) -> None:
-        if self.lag is not None:
-            self.lag = self.lag[indices]
-
-
 def evicted_after(keep: torch.Tensor, length: int, real: torch.Tensor | None, kept_real: torch.Tensor | None) -> torch.Tensor:
     """For each kept index, how many real tokens after it (in [0, length)) were evicted: [B|1, H|1, K].
 

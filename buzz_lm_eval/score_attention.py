@@ -15,7 +15,8 @@ _HIDDEN = torch.finfo(torch.float32).min  # finite: a row that sees nothing stay
 
 
 def attention_with_scores(
-    query, key, value, visible, scaling: float, window: int | None = None, softcap: float | None = None
+    query, key, value, visible, scaling: float, window: int | None = None, softcap: float | None = None,
+    key_class: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and the probabilities each key received, from one pass over the keys.
 
@@ -30,20 +31,44 @@ def attention_with_scores(
     which are skipped. Rows of padding queries (nothing visible) see nothing: their output and
     probabilities are 0. ``key``/``value`` may be strided views (a slice of a larger buffer).
     Inference only: computed without autograd.
+
+    ``key_class`` [B, 1|H_kv, L] (a single query): the keys lag in runs (``ShiftedKeys``) and
+    ``query`` is [B, H_q, C, D], that query rotated once per run; each key is scored by its run's.
     """
+    if key_class is not None:
+        return _one_pass(query, key, value, visible, scaling, window, softcap, key_class)
     if key.shape[2] < query.shape[2]:
         raise ValueError(f"attention_with_scores needs the queries' own keys among the keys: "
                          f"{key.shape[2]} keys for {query.shape[2]} queries")
-    with torch.no_grad():
-        return _one_pass(query, key, value, visible, scaling, window, softcap)
+    visible = None if visible is not None and _plain_causal(visible) else visible
+    return _one_pass(query, key, value, visible, scaling, window, softcap)
 
 
-def _one_pass(query, key, value, visible, scaling, window, softcap):
+def _plain_causal(visible: torch.Tensor) -> bool:
+    """Whether a [B, 1|H_kv, q, L] mask (q > 1) shows every past key and the new keys causally: the
+    library's mask of an unpadded chunk. Such a mask is dropped, so the kernel skips the future
+    keys instead of adding a bias to every logit (two byte comparisons, no float pass)."""
+    q_len, length = visible.shape[-2:]
+    if q_len == 1 or length < q_len:
+        return False  # one query: nothing to skip (and no host sync in a decode step)
+    if length > q_len and not bool(visible[..., : length - q_len].view(torch.uint8).amin() == 1):
+        return False
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=visible.device).tril_()
+    return torch.equal(visible[..., length - q_len :], causal.expand(*visible.shape[:2], q_len, q_len))
+
+
+@torch.no_grad()
+def _one_pass(query, key, value, visible, scaling, window, softcap, key_class=None):
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    groups, past, pairs = q_heads // kv_heads, length - q_len, batch * kv_heads
+    groups, pairs = q_heads // kv_heads, batch * kv_heads
     # rows (query, group) of each KV head: a query block is a contiguous row range (a view at q=1)
     rows = query.view(batch, kv_heads, groups, q_len, dim).transpose(2, 3).reshape(pairs, q_len * groups, dim)
+    runs = None
+    if key_class is not None:  # rows are (run, group) of the one query; each key takes its run's row
+        runs = key_class.expand(batch, kv_heads, length).reshape(pairs, 1, 1, length).expand(pairs, 1, groups, length)
+        q_len = 1
+    past = length - q_len
     zero, alpha = rows.new_zeros(()), scaling / (softcap or 1.0)  # the scaling is folded into the GEMM
     keys_t, values = key.flatten(0, 1).transpose(1, 2), value.flatten(0, 1)  # views: K/V never copied
     block = _block_queries(pairs * groups, length, dim, groups, query.device)
@@ -54,7 +79,11 @@ def _one_pass(query, key, value, visible, scaling, window, softcap):
     for start in range(0, q_len, block):
         stop = min(q_len, start + block)
         size, seen = stop - start, past + stop  # keys past ``seen`` are in every row's future
-        logits = torch.baddbmm(zero, rows[:, start * groups : stop * groups], keys_t[:, :, :seen], beta=0, alpha=alpha)
+        if runs is None:
+            logits = torch.baddbmm(zero, rows[:, start * groups : stop * groups], keys_t[:, :, :seen], beta=0, alpha=alpha)
+        else:
+            logits = torch.baddbmm(zero, rows, keys_t, beta=0, alpha=alpha)
+            logits = logits.view(pairs, -1, groups, length).gather(1, runs).view(pairs, groups, length)
         logits = logits if logits.dtype == torch.float32 else logits.float()
         if softcap is not None:
             logits.tanh_().mul_(softcap)

@@ -11,11 +11,17 @@ from .conftest import tiny_model
 from .test_cache import random_batch
 
 
-def eager(query, key, value, visible, scaling, softcap=None):
-    """Reference: whole [B, H_q, q, L] probabilities (padding rows 0) and the [B, q, H_q, D] output."""
+def eager(query, key, value, visible, scaling, softcap=None, key_class=None):
+    """Reference: whole [B, H_q, q, L] probabilities (padding rows 0) and the [B, q, H_q, D] output.
+
+    With ``key_class`` the query is one query's [B, H_q, C, D] variants: key j takes variant
+    ``key_class[..., j]``'s logit."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     logits = query.float() @ key.float().transpose(-1, -2) * scaling
+    if key_class is not None:
+        runs = key_class.expand(key.shape[0], -1, -1).repeat_interleave(query.shape[1] // key_class.shape[1], 1)
+        logits, query = logits.gather(2, runs.unsqueeze(2)), query[:, :, :1]
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     q_len, length = query.shape[2], key.shape[2]
@@ -75,6 +81,21 @@ def test_strided_views_and_blocks_match_eager_attention(small_blocks, q_len, len
     assert torch.allclose(output, expected, atol=1e-5)
     assert torch.allclose(scores, group_sum(probs, 2), atol=1e-5)
     assert scores.dtype == torch.float32 and scores.shape == (2, 2, length)
+
+
+@pytest.mark.parametrize("class_heads", [1, 2])
+def test_keys_in_lag_runs_are_scored_by_their_runs_query(class_heads):
+    """One decode query in 3 variants (one per lag run): each key is scored by its own run's."""
+    torch.manual_seed(7)
+    variants, (key, value) = torch.randn(2, 4, 3, 8), views(2, 2, 30, 8)
+    key_class = torch.randint(0, 3, (2, class_heads, 30))
+    output, scores = attention_with_scores(variants, key, value, None, 0.3, key_class=key_class)
+    probs, expected = eager(variants, key, value, None, 0.3, key_class=key_class)
+    assert output.shape == (2, 1, 4, 8)
+    assert torch.allclose(output, expected, atol=1e-5)
+    assert torch.allclose(scores, group_sum(probs, 2), atol=1e-5)
+    _, first_only = eager(variants[:, :, :1], key, value, None, 0.3)
+    assert not torch.allclose(output, first_only, atol=1e-3)  # the runs really change the result
 
 
 def test_padding_queries_see_nothing_and_count_nothing(small_blocks):
@@ -142,9 +163,9 @@ def test_kernel_runs_without_autograd_and_training_path_has_gradients():
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (query, key, value))
 
 
-def eager_with_scores(query, key, value, visible, scaling, window=None, softcap=None):
+def eager_with_scores(query, key, value, visible, scaling, window=None, softcap=None, key_class=None):
     """``attention_with_scores`` computed the direct way: the reference for whole-model runs."""
-    probs, output = eager(query, key, value, visible, scaling, softcap)
+    probs, output = eager(query, key, value, visible, scaling, softcap, key_class)
     return output.to(value.dtype), group_sum(probs, key.shape[1], window)
 
 

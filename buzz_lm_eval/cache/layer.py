@@ -12,8 +12,9 @@ from transformers.cache_utils import DynamicLayer
 from ..attention import offer_layer
 from ..policies import Policy
 from ..policies.base import real_slots
-from ..positions import KeyRotation, ShiftedKeys, evicted_after
+from ..positions import KeyRotation, evicted_after
 from ..regime import Schedule
+from .shifted_keys import LAG_CLASSES, ShiftedKeys
 from .slots import SlotStore, rows_with, tail_moves
 
 ONE_CACHE = "an evicting cache serves one generate call (build a new one with build_cache, or call cache.reset())"
@@ -71,7 +72,8 @@ class EvictingLayer(DynamicLayer):
         super().__init__()
         self.sync_timing = sync_timing
         self.policy = policy
-        self.shift = None if rotation is None else ShiftedKeys(rotation)  # None: keys keep their original rotation
+        runs = LAG_CLASSES if policy.signal == "attention" else 1  # lag runs need the score kernel's decode
+        self.shift = None if rotation is None else ShiftedKeys(rotation, runs)  # None: keys keep their rotation
         self.schedule = schedule or Schedule()
         self.phase = "evict"  # this forward: "evict", "observe" (scores only) or "grow" (regime.py)
         self.state = policy.new_state()
@@ -157,7 +159,7 @@ class EvictingLayer(DynamicLayer):
         self.state, self.seen, self.positions, self.key_norms = self.policy.new_state(), 0, None, None
         self.store = self.order = None
         if self.shift is not None:
-            self.shift.lag = None
+            self.shift.reset()
         self.evicted = self.padded = False
         self.stats = LayerStats()
         self.schedule.reset()
@@ -191,12 +193,13 @@ class EvictingLayer(DynamicLayer):
     def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys [B, H, K, D], values and positions [B, H, K] of the stored tokens, in original order."""
         batch, heads, length, dim = self.keys.shape
-        keys, values, positions = self.keys, self.values, self.positions.expand(batch, heads, length)
+        keys = self.keys if self.shift is None else self.shift.canonical(self.keys, self.seen)
+        values, positions = self.values, self.positions.expand(batch, heads, length)
         if self.order is not None:
             order = self.order.expand(batch, heads, length)
             slots = order.unsqueeze(-1).expand(batch, heads, length, dim)
             keys, values, positions = keys.gather(2, slots), values.gather(2, slots), positions.gather(-1, order)
-        return (keys if self.shift is None else self.shift.canonical(keys, self.seen)), values, positions
+        return keys, values, positions
 
     def in_order(self, per_slot: torch.Tensor) -> torch.Tensor:
         """A per-slot [B, 1|H, L] tensor rearranged into the tokens' original order."""
@@ -214,9 +217,13 @@ class EvictingLayer(DynamicLayer):
             return False
         return self.phase == "evict" or (self.phase == "observe" and self.policy.accumulates)
 
-    def align_query(self, query: torch.Tensor) -> torch.Tensor:
-        """The queries as the stored keys expect them (``shifted`` keys may lag, see ``ShiftedKeys``)."""
-        return query if self.shift is None else self.shift.align_query(query, self.seen)
+    def align_query(self, query: torch.Tensor, classed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The queries as the stored keys expect them (``shifted`` keys may lag) and the slots' lag runs
+        (None: one run); ``classed``: the attention is ``attention_with_scores``, which scores runs
+        (see ``ShiftedKeys.align_query``)."""
+        if self.shift is None:
+            return query, None
+        return self.shift.align_query(query, self.keys, classed, self.seen)
 
     def visibility(self, library_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
         """[B, 1|H, q, L] bool mask of what the new queries may see (library mask until evicted).
@@ -308,6 +315,8 @@ class EvictingLayer(DynamicLayer):
         order = torch.arange(length, device=self.device) if self.order is None else self.order
         order = order.expand(batch, rows, length)
         slot = order.gather(-1, dropped)  # [B, rows, 1]
+        if self.shift is not None:
+            self.shift.before_drop(self.keys, order, self.seen)
         last = torch.full_like(slot, width)
         self.store.keep_first(width, last.expand(batch, heads, 1), slot.expand(batch, heads, 1))
         self.keys, self.values = self.store.keys, self.store.values
@@ -320,7 +329,7 @@ class EvictingLayer(DynamicLayer):
             self.key_norms = self.key_norms.scatter(-1, slot.expand(batch, heads, 1), self.key_norms[..., width:])[..., :width]
         if self.shift is not None:
             before = (positions < gone).long()
-            self.shift.on_drop_one(self.keys, before, self.seen)
+            self.shift.on_drop_one(self.keys, before, slot, self.seen)
             positions = positions + before
         self.positions, self.evicted = positions, True
 
@@ -329,6 +338,8 @@ class EvictingLayer(DynamicLayer):
         possible; re-rotate them under ``positions="shifted"``."""
         batch, heads, length, _ = self.keys.shape
         width = keep.shape[-1]
+        if self.shift is not None:
+            self.shift.flush(self.keys, self.seen)  # one lag for all: the deltas below are general
         keep = self.tracked_rows(keep)
         rows = keep.shape[1]
         slots = keep if self.order is None else self.order.expand(batch, rows, length).gather(-1, keep)
