@@ -25,14 +25,15 @@ from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 
 import bench_targets as targets
 from bench_run import (  # noqa: F401  (prefill, decode, sync: for scripts importing this module)
-    SHAPES, Spec, add_ratios, decode, load_model, policy_specs, prefill, regime_of, run_case, run_cases, sync,
+    SHAPES, Spec, add_ratios, best_prefills, decode, load_model, policy_specs, prefill, regime_of, run_case, run_cases,
+    sync,
 )
 from bench_selection import selection_bench, selection_markdown
 from bench_sync import sync_check, sync_markdown
 
-DEFAULTS = {"lengths": [1024, 4096, 16384], "budgets": [256, 1024], "steps": 32, "decode_context": 4096}
-QUICK = {"lengths": [1024, 4096], "budgets": [256], "steps": 8, "decode_context": 1024}
-CUDA = {"lengths": [4096, 16384, 32768], "budgets": [512, 1024, 2048], "steps": 32, "decode_context": 4096}
+DEFAULTS = {"lengths": [1024, 4096, 16384], "budgets": [256, 1024], "steps": 32, "decode_context": 4096, "repeats": 2}
+QUICK = {"lengths": [1024, 4096], "budgets": [256], "steps": 8, "decode_context": 1024, "repeats": 1}
+CUDA = {"lengths": [4096, 16384, 32768], "budgets": [512, 1024, 2048], "steps": 32, "decode_context": 4096, "repeats": 2}
 TARGET_BUDGET = 1024  # the decode section's budget when the run has it
 
 
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     p.add_argument("--decode-context", type=int, dest="decode_context",
                    help=f"context of the decode section and the amortised table (default {DEFAULTS['decode_context']})")
+    p.add_argument("--repeats", type=int,
+                   help=f"side-by-side runs of the prefill section, best of each case kept (default {DEFAULTS['repeats']})")
     p.add_argument("--policies", type=lambda t: t.split(","), default=list(POLICY_NAMES), help="main table's policies")
     p.add_argument("--pretrained", help="load this model instead of a random Llama")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -65,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown policies {unknown}; valid: {', '.join(POLICY_NAMES)}")
     sizes = {"--lengths": args.lengths, "--budgets": args.budgets, "--steps": [args.steps], "--chunk": [args.chunk],
-             "--decode-context": [args.decode_context], "--warmup": [args.warmup + 1]}
+             "--decode-context": [args.decode_context], "--warmup": [args.warmup + 1], "--repeats": [args.repeats]}
     for option, values in sizes.items():
         if not values or min(values) < 1:
             p.error(f"{option} needs positive integers, got {values}")
@@ -100,7 +103,7 @@ COLUMNS = [  # (header, key, format)
     ("bound MiB", "kv_bound", "{}"), ("<= bound", "within_bound", "{}"),
     ("compression", "compression_ratio", "{:.1f}x"), ("prefill x full", "prefill_x_full", "{:.2f}"),
     ("decode speed x full", "decode_x_full", "{:.2f}"), ("full@N step ms p50", "ref_step_ms_median", "{:.2f}"),
-    ("step x full@N", "step_x_ref", "{:.3f}"),
+    ("step x full@N", "step_x_ref", "{:.3f}"), ("runs (best kept)", "repeats", "{}"),
     ("GPU MiB peak", "gpu_peak_bytes", "{}"),
 ]
 MIB = ("kv_bytes_peak", "kv_resident_peak", "kv_bound", "gpu_peak_bytes")
@@ -142,22 +145,26 @@ def decode_section(model, name: str, length: int, budget: int, args) -> dict:
     return {"reference": [first, second], "rows": rows, "noise_pct": 100 * (high - low) / low}
 
 
-def main_table(model, name: str, budget: int, args) -> list[dict]:
-    """Every policy at every budget and length; on CPU the cases of one length run side by side.
-
-    From the prefill target's length up, the score policies also run under after_prefill at
-    ``budget``: their score capture then covers the whole prompt (under every_forward each chunk
-    attends to the budget plus a chunk only, which makes their prefill cheaper than the full cache's).
-    """
+def main_table(model, name: str, args) -> list[dict]:
+    """Every policy at every budget and length; on CPU the cases of one length run side by side."""
     rows = []
     for length in args.lengths:
         specs = policy_specs(name, args.policies, args.budgets, length)
-        if length >= targets.TARGET_PREFILL_LENGTH:
-            specs += [Spec(name, policy, budget, length, "after_prefill") for policy in targets.SCORE_POLICIES
-                      if policy in args.policies and regime_of(policy, budget, args.evict) != "after_prefill"]
         groups = [specs] if args.device == "cpu" else [[spec] for spec in specs]  # CUDA: a GPU peak per case
         rows += [row for group in groups for row in run_cases(model, group, args.steps, args)]
     add_ratios(rows)
+    return rows
+
+
+def prefill_section(model, name: str, budget: int, args) -> list[dict]:
+    """From the prefill target's length up: the full cache and every score policy under after_prefill
+    at ``budget`` (their score capture covers the whole prompt; under every_forward each chunk
+    attends to the budget plus a chunk only), prefilled side by side, best of ``--repeats`` runs."""
+    rows = []
+    for length in [n for n in args.lengths if n >= targets.TARGET_PREFILL_LENGTH]:
+        specs = [Spec(name, "full", None, length)] + [
+            Spec(name, policy, budget, length, "after_prefill") for policy in targets.SCORE_POLICIES if policy in args.policies]
+        rows += best_prefills(model, specs, args.repeats, args)
     return rows
 
 
@@ -178,10 +185,14 @@ def main(argv=None) -> None:
 
     budget = TARGET_BUDGET if TARGET_BUDGET in args.budgets else max(args.budgets)
     model = load_model(main_shape, args)
-    rows = main_table(model, name, budget, args)
-    print(f"## Prefill, decode and KV memory of every policy ({name}, evict: {args.evict}; score policies also "
-          f"after_prefill at budget {budget} from {targets.TARGET_PREFILL_LENGTH} tokens)\n")
+    rows = main_table(model, name, args)
+    print(f"## Prefill, decode and KV memory of every policy ({name}, evict: {args.evict})\n")
     print(markdown(rows) + "\n", flush=True)
+
+    prefills = prefill_section(model, name, budget, args)
+    print(f"## Prefill over the whole prompt: score policies under after_prefill at budget {budget} ({name}, "
+          f"side by side with the full cache, best of {args.repeats} runs)\n")
+    print(markdown(prefills) + "\n", flush=True)
 
     length = args.decode_context
     decode_name, decode_model = (name, model) if args.device == "cuda" or args.pretrained else ("wide", None)
@@ -203,7 +214,7 @@ def main(argv=None) -> None:
 
     print("## Targets\n")
     lines = (targets.selection_lines(selection) + targets.amortised_lines(share_rows)
-             + targets.budget_lines(rows + section["rows"] + share_rows) + targets.prefill_lines(rows)
+             + targets.budget_lines(rows + section["rows"] + share_rows) + targets.prefill_lines(rows + prefills)
              + targets.evict_share_lines(section, share_rows) + targets.step_lines(section)
              + targets.memory_lines({"main table": rows, "decode section": section["rows"], "amortised": share_rows})
              + targets.gpu_lines(rows, syncs, args.device))
@@ -212,7 +223,7 @@ def main(argv=None) -> None:
     print(f"\nwall time {wall:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
         payload = {"machine": machine_header(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-                   "selection": selection, "cases": rows, "decode": section, "amortised": share_rows,
+                   "selection": selection, "cases": rows, "prefill": prefills, "decode": section, "amortised": share_rows,
                    "host_syncs": syncs, "targets": lines, "wall_s": wall}
         write_atomic(args.json, json.dumps(payload, indent=2))
 

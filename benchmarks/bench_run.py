@@ -230,10 +230,7 @@ def run_cases(model, specs: list[Spec], steps: int, args) -> list[dict]:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cases = [Case(model, spec, args) for spec in specs]
-    for i, start in enumerate(range(0, max(spec.length for spec in specs), args.chunk)):
-        for case in rotated(cases, i):
-            if start < case.spec.length:
-                case.prefill_chunk(model, start)
+    prefill_side_by_side(model, cases, args)
     for case in cases:
         case.prefill_peak = case.cache.stats()["kept_tokens_peak"]
     for i in range(args.warmup + steps):
@@ -243,6 +240,27 @@ def run_cases(model, specs: list[Spec], steps: int, args) -> list[dict]:
             case.decode_step(model, timed=i >= args.warmup)
     alone = args.device == "cuda" and len(cases) == 1
     return [case.row(torch.cuda.max_memory_allocated() if alone else None) for case in cases]
+
+
+def prefill_side_by_side(model, cases: list, args) -> None:
+    """Prefill every case chunk by chunk: each chunk of every case before the next chunk of any."""
+    for i, start in enumerate(range(0, max(case.spec.length for case in cases), args.chunk)):
+        for case in rotated(cases, i):
+            if start < case.spec.length:
+                case.prefill_chunk(model, start)
+
+
+def best_prefills(model, specs: list[Spec], repeats: int, args) -> list[dict]:
+    """Prefill the cases side by side ``repeats`` times (fresh caches each time); each case's best
+    prefill time, and its ratio to the first case's (the reference, e.g. the full cache)."""
+    best = [math.inf] * len(specs)
+    for _ in range(repeats):
+        cases = [Case(model, spec, args) for spec in specs]
+        prefill_side_by_side(model, cases, args)
+        best = [min(seconds, case.prefill_s) for seconds, case in zip(best, cases, strict=True)]
+    return [{"model": spec.model, "policy": spec.policy, "evict": case.regime, "budget": spec.budget,
+             "length": spec.length, "prefill_s": seconds, "prefill_x_full": seconds / best[0], "repeats": repeats}
+            for spec, case, seconds in zip(specs, cases, best, strict=True)]
 
 
 def run_case(model, name: str, policy: str, budget: int | None, length: int, steps: int, args,

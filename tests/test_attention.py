@@ -98,6 +98,22 @@ def test_keys_in_lag_runs_are_scored_by_their_runs_query(class_heads):
     assert not torch.allclose(output, first_only, atol=1e-3)  # the runs really change the result
 
 
+def test_only_a_plain_causal_chunk_mask_is_dropped():
+    """The library's mask of an unpadded chunk is recognised (the kernel then skips future keys);
+    a padded mask, a hidden key, or a single query's mask is kept."""
+    causal = torch.ones(5, 9, dtype=torch.bool).tril(4).expand(2, 1, 5, 9)
+    assert score_attention._plain_causal(causal)
+    assert not score_attention._plain_causal(padded_mask(2, 1, 5, 9, pad=2))
+    hidden = causal.clone()
+    hidden[1, 0, 4, 7] = False  # a new key hidden from one query
+    assert not score_attention._plain_causal(hidden)
+    assert not score_attention._plain_causal(causal[:, :, -1:])
+    torch.manual_seed(8)
+    query, (key, value) = hf_query(2, 4, 5, 8), views(2, 2, 9, 8)
+    with_mask, without = attention_with_scores(query, key, value, causal, 0.3), attention_with_scores(query, key, value, None, 0.3)
+    assert torch.equal(with_mask[0], without[0]) and torch.equal(with_mask[1], without[1])
+
+
 def test_padding_queries_see_nothing_and_count_nothing(small_blocks):
     torch.manual_seed(1)
     query, (key, value) = hf_query(2, 4, 12, 8), views(2, 2, 12, 8)

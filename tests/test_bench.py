@@ -66,6 +66,24 @@ def test_side_by_side_cases_stay_within_budget_and_bound():
     assert full["prefill_x_full"] == 1.0 and h2o["decode_x_full"] > 0
 
 
+def test_prefill_section_keeps_each_cases_best_of_its_side_by_side_runs(monkeypatch):
+    model = tiny_model("llama")
+    args = small_args("--repeats", "3")
+    # per forward, in the side-by-side order (full, h2o | h2o, full | full, h2o) of each of 3 runs:
+    # full is fastest in run 1 (0.3 s), h2o in run 2 (0.6 s)
+    seconds = iter([0.1, 0.5, 0.5, 0.1, 0.1, 0.5] + [1, 0.2, 0.2, 1, 1, 0.2] + [1] * 6)
+    monkeypatch.setattr(bench_run.Case, "prefill_chunk", lambda case, model, start: setattr(
+        case, "prefill_s", case.prefill_s + next(seconds)))
+    specs = [bench_run.Spec("tiny", "full", None, 48), bench_run.Spec("tiny", "h2o", 16, 48, "after_prefill")]
+    full, h2o = bench_run.best_prefills(model, specs, 3, args)
+    assert (full["policy"], h2o["policy"], h2o["evict"], h2o["repeats"]) == ("full", "h2o", "after_prefill", 3)
+    assert full["prefill_s"] == pytest.approx(0.3) and h2o["prefill_s"] == pytest.approx(0.6)
+    assert full["prefill_x_full"] == 1.0 and h2o["prefill_x_full"] == pytest.approx(2.0)
+    assert bench_cache.parse_args(["--quick"]).repeats == 1 and small_args().repeats == 2
+    with pytest.raises(SystemExit):
+        bench_cache.parse_args(["--repeats", "0"])
+
+
 def row(policy: str, evict: str | None = "every_forward", **values) -> dict:
     base = {"model": "wide", "policy": policy, "evict": evict, "budget": 1024, "length": 4096, "steps": 32,
             "evict_ms": 0.5, "step_ms": 20.0, "evict_share_pct": 2.5, "evictions": 0, "step_ms_median": 20.0}
