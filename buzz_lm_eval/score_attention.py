@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 SCORE_BLOCK_ELEMENTS = 1 << 24  # logits elements of one query block off the CPU (memory bound)
-SCORE_BLOCK_ELEMENTS_CPU = 1 << 20  # on CPU: a block's logits (4 MiB) stay in the cores' L2 caches
+SCORE_BLOCK_ELEMENTS_CPU = 1 << 19  # on CPU: a block's logits (2 MiB) stay in the cores' L2 caches
 _HIDDEN = torch.finfo(torch.float32).min  # finite: a row that sees nothing stays NaN-free
 
 
@@ -59,6 +59,34 @@ def _plain_causal(visible: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def _one_pass(query, key, value, visible, scaling, window, softcap, key_class=None):
+    """``_pass`` over all (row, KV head) pairs at once, or, when even a minimal query block of all
+    of them would not fit the block budget (long contexts), over a few pairs at a time: each
+    pair's logits then stay in cache instead of streaming through memory."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups, pairs = q_heads // kv_heads, batch * kv_heads
+    per_pass = _pairs_per_pass(groups, length, dim, query.device)
+    if per_pass >= pairs:
+        return _pass(query, key, value, visible, scaling, window, softcap, key_class)
+    # every pair as a row of its own with one KV head (views of K/V; a shared mask stays shared)
+    query = query.reshape(pairs, groups, q_len, dim)
+    key, value = key.reshape(pairs, 1, length, dim), value.reshape(pairs, 1, length, value.shape[-1])
+    if visible is not None and visible.shape[:2] != (1, 1):
+        visible = visible.expand(batch, kv_heads, *visible.shape[2:]).reshape(pairs, 1, *visible.shape[2:])
+    if key_class is not None:
+        key_class = key_class.expand(batch, kv_heads, length).reshape(pairs, 1, length)
+    parts = [
+        _pass(query[lo : lo + per_pass], key[lo : lo + per_pass], value[lo : lo + per_pass],
+              visible if visible is None or visible.shape[0] == 1 else visible[lo : lo + per_pass],
+              scaling, window, softcap, None if key_class is None else key_class[lo : lo + per_pass])
+        for lo in range(0, pairs, per_pass)
+    ]
+    output = torch.cat([out for out, _ in parts]).view(batch, kv_heads, -1, groups, value.shape[-1])
+    scores = torch.cat([part for _, part in parts]).view(batch, kv_heads, length)
+    return output.transpose(1, 2).reshape(batch, output.shape[2], q_heads, -1), scores
+
+
+def _pass(query, key, value, visible, scaling, window, softcap, key_class=None):
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups, pairs = q_heads // kv_heads, batch * kv_heads
@@ -138,11 +166,19 @@ def _future_bias(size: int, device) -> torch.Tensor:
     return torch.zeros(size, 1, size, device=device).masked_fill_(upper.unsqueeze(1), _HIDDEN)
 
 
+def _pairs_per_pass(groups: int, length: int, dim: int, device: torch.device) -> int:
+    """(row, KV head) pairs whose minimal query block (see ``_block_queries``) fits the block budget."""
+    return max(1, _block_elements(device) // (-(-dim // groups) * groups * length))
+
+
 def _block_queries(rows_per_query: int, length: int, dim: int, groups: int, device: torch.device) -> int:
     """Queries per block: its logits stay in cache on CPU (memory is the bound elsewhere), but
     at least ``dim`` rows per KV head, so that re-reading the keys does not dominate."""
-    elements = SCORE_BLOCK_ELEMENTS_CPU if device.type == "cpu" else SCORE_BLOCK_ELEMENTS
-    return max(-(-dim // groups), elements // max(1, rows_per_query * length))
+    return max(-(-dim // groups), _block_elements(device) // max(1, rows_per_query * length))
+
+
+def _block_elements(device: torch.device) -> int:
+    return SCORE_BLOCK_ELEMENTS_CPU if device.type == "cpu" else SCORE_BLOCK_ELEMENTS
 
 
 def softcapped_attention(query, key, value, visible, scaling: float, softcap: float, dropout: float = 0.0):

@@ -83,9 +83,13 @@ def test_strided_views_and_blocks_match_eager_attention(small_blocks, q_len, len
     assert scores.dtype == torch.float32 and scores.shape == (2, 2, length)
 
 
+@pytest.mark.parametrize("blocks", ["default", "small"])
 @pytest.mark.parametrize("class_heads", [1, 2])
-def test_keys_in_lag_runs_are_scored_by_their_runs_query(class_heads):
-    """One decode query in 3 variants (one per lag run): each key is scored by its own run's."""
+def test_keys_in_lag_runs_are_scored_by_their_runs_query(monkeypatch, class_heads, blocks):
+    """One decode query in 3 variants (one per lag run): each key is scored by its own run's
+    (small blocks: one (row, KV head) pair per pass, as at long contexts)."""
+    if blocks == "small":
+        monkeypatch.setattr(score_attention, "SCORE_BLOCK_ELEMENTS_CPU", 1)
     torch.manual_seed(7)
     variants, (key, value) = torch.randn(2, 4, 3, 8), views(2, 2, 30, 8)
     key_class = torch.randint(0, 3, (2, class_heads, 30))
@@ -145,6 +149,15 @@ def test_softcap_on_strided_views_across_blocks(small_blocks):
     probs, expected = eager(query, key, value, visible, 0.3, softcap=2.0)
     assert torch.allclose(output, expected, atol=1e-5)
     assert torch.allclose(scores, group_sum(probs, 2), atol=1e-5)
+
+
+def test_long_contexts_run_a_few_pairs_per_pass():
+    """At a long context a minimal query block of every (row, KV head) pair would not fit the block
+    budget: the pairs then run a few at a time (each pass's logits stay in cache)."""
+    cpu = torch.device("cpu")  # the benchmark's tiny model: 4 KV heads of dim 32, 2 query heads each
+    assert score_attention._pairs_per_pass(2, 4096, 32, cpu) >= 4  # all four pairs in one pass
+    assert score_attention._pairs_per_pass(2, 16384, 32, cpu) < 4
+    assert score_attention._pairs_per_pass(2, 10**7, 32, cpu) == 1
 
 
 def test_one_block_and_many_blocks_agree(monkeypatch):
