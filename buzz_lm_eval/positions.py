@@ -83,28 +83,23 @@ class KeyRotation:
         """
         delta = delta.expand(keys.shape[:3])
         if keys.device.type == "cpu":
-            delta = delta.reshape(-1)
-            moved = delta.nonzero().squeeze(1)  # flat (row, head, slot) indices of the keys that change
-            if moved.numel() == 0:
+            moved = delta.nonzero()  # [n, 3]: (row, head, slot) of each key that changes
+            if moved.shape[0] == 0:
                 return
-            if 2 * moved.numel() <= delta.numel():
-                flat, step = _rows(keys)
-                length, heads = keys.shape[2], keys.shape[1]
-                row_head, slot = moved.div(length, rounding_mode="floor"), moved.remainder(length)
-                rows = row_head.div(heads, rounding_mode="floor") * step[0] + row_head.remainder(heads) * step[1] + slot
-                flat.index_copy_(0, rows, self.rotate_(flat.index_select(0, rows), delta.index_select(0, moved), bound))
+            if 2 * moved.shape[0] <= delta.numel():
+                flat, steps = _rows(keys)
+                rows = (moved * torch.tensor(steps)).sum(-1)
+                flat.index_copy_(0, rows, self.rotate_(flat.index_select(0, rows), delta[delta != 0], bound))
                 return
-            delta = delta.view(keys.shape[:3])
         self.rotate_(keys, delta, bound)
 
 
-def _rows(keys: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``keys`` [B, H, K, D] (a view of a contiguous buffer) as [rows, D], and the row steps of B and H."""
+def _rows(keys: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``keys`` [B, H, K, D] (a view of a contiguous buffer) as [rows, D], and the row steps of B, H and K."""
     stride_b, stride_h, stride_k, _ = keys.stride()
     batch, heads, length, dim = keys.shape
-    step = (stride_b // stride_k, stride_h // stride_k)
-    rows = (batch - 1) * step[0] + (heads - 1) * step[1] + length
-    return keys.as_strided((rows, dim), (stride_k, 1)), step
+    rows = (batch - 1) * (stride_b // stride_k) + (heads - 1) * (stride_h // stride_k) + length
+    return keys.as_strided((rows, dim), (stride_k, 1)), (stride_b // stride_k, stride_h // stride_k, 1)
 
 
 def evicted_after(keep: torch.Tensor, length: int, real: torch.Tensor | None, kept_real: torch.Tensor | None) -> torch.Tensor:

@@ -97,10 +97,10 @@ class ShiftedKeys:
         dropped = runs.gather(-1, slot)
         runs = runs.scatter(-1, slot, runs[..., width:])[..., :width]  # the store's move: last slot -> freed
         same = runs == dropped
-        ahead = (same & (before > 0)).sum(-1, keepdim=True)
-        shift = (same.sum(-1, keepdim=True) - ahead < ahead).long()
+        ahead = (before * same).sum(-1, keepdim=True)
+        shift = (same.sum(-1, keepdim=True) < 2 * ahead).long()  # the keys ahead are the majority
         ids = torch.arange(self.classes, device=slot.device)
-        self.lag = self.lag + (ids < dropped).long() + (ids == dropped).long() * shift
+        self.lag = self.lag + (ids < dropped + shift)  # runs before the dropped one's, and it when shift
         self.rotation.rotate_slots(keys, torch.where(same, before - shift, 0), bound)
         self.key_class = runs
 
