@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 SCORE_BLOCK_ELEMENTS = 1 << 24  # logits elements of one query block off the CPU (memory bound)
-SCORE_BLOCK_ELEMENTS_CPU = 1 << 19  # on CPU: a block's logits (2 MiB) stay in the cores' L2 caches
+SCORE_BLOCK_ELEMENTS_CPU = 1 << 20  # on CPU: a block's logits (4 MiB) stay in the cores' L2 caches
 _HIDDEN = torch.finfo(torch.float32).min  # finite: a row that sees nothing stays NaN-free
 
 
