@@ -87,6 +87,7 @@ def _one_pass(query, key, value, visible, scaling, window, softcap, key_class=No
 
 
 def _pass(query, key, value, visible, scaling, window, softcap, key_class=None):
+    """The kernel over every (row, KV head) pair of its inputs (``attention_with_scores``' contract)."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups, pairs = q_heads // kv_heads, batch * kv_heads
