@@ -104,6 +104,7 @@ COLUMNS = [  # (header, key, format)
     ("compression", "compression_ratio", "{:.1f}x"), ("prefill x full", "prefill_x_full", "{:.2f}"),
     ("decode speed x full", "decode_x_full", "{:.2f}"), ("full@N step ms p50", "ref_step_ms_median", "{:.2f}"),
     ("step x full@N", "step_x_ref", "{:.3f}"), ("runs (best kept)", "repeats", "{}"),
+    ("slowest run %", "prefill_spread_pct", "+{:.0f}"),
     ("GPU MiB peak", "gpu_peak_bytes", "{}"),
 ]
 MIB = ("kv_bytes_peak", "kv_resident_peak", "kv_bound", "gpu_peak_bytes")

@@ -252,15 +252,19 @@ def prefill_side_by_side(model, cases: list, args) -> None:
 
 def best_prefills(model, specs: list[Spec], repeats: int, args) -> list[dict]:
     """Prefill the cases side by side ``repeats`` times (fresh caches each time); each case's best
-    prefill time, and its ratio to the first case's (the reference, e.g. the full cache)."""
-    best = [math.inf] * len(specs)
+    prefill time, its ratio to the first case's (the reference, e.g. the full cache), and how far
+    its slowest run lay above its best (the noise the best-of hides)."""
+    runs = [[] for _ in specs]
     for _ in range(repeats):
         cases = [Case(model, spec, args) for spec in specs]
         prefill_side_by_side(model, cases, args)
-        best = [min(seconds, case.prefill_s) for seconds, case in zip(best, cases, strict=True)]
+        for seconds, case in zip(runs, cases, strict=True):
+            seconds.append(case.prefill_s)
+    best = [min(seconds) for seconds in runs]
     return [{"model": spec.model, "policy": spec.policy, "evict": case.regime, "budget": spec.budget,
-             "length": spec.length, "prefill_s": seconds, "prefill_x_full": seconds / best[0], "repeats": repeats}
-            for spec, case, seconds in zip(specs, cases, best, strict=True)]
+             "length": spec.length, "prefill_s": min(seconds), "prefill_x_full": min(seconds) / best[0],
+             "repeats": repeats, "prefill_spread_pct": 100 * (max(seconds) - min(seconds)) / min(seconds)}
+            for spec, case, seconds in zip(specs, cases, runs, strict=True)]
 
 
 def run_case(model, name: str, policy: str, budget: int | None, length: int, steps: int, args,
