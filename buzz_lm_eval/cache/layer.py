@@ -15,7 +15,7 @@ from ..policies.base import real_slots
 from ..positions import KeyRotation, evicted_after
 from ..regime import Schedule
 from .shifted_keys import LAG_CLASSES, ShiftedKeys
-from .slots import SlotStore, rows_with, tail_moves
+from .slots import SlotStore, last_into, rows_with, tail_moves
 
 ONE_CACHE = "an evicting cache serves one generate call (build a new one with build_cache, or call cache.reset())"
 
@@ -324,9 +324,9 @@ class EvictingLayer(DynamicLayer):
         self.order = torch.where(order == width, slot, order)
         positions = self.positions.expand(batch, rows, length)
         gone = positions.gather(-1, slot)
-        positions = positions.scatter(-1, slot, positions[..., width:])[..., :width]
+        positions = last_into(positions, slot)
         if self.key_norms is not None:
-            self.key_norms = self.key_norms.scatter(-1, slot.expand(batch, heads, 1), self.key_norms[..., width:])[..., :width]
+            self.key_norms = last_into(self.key_norms, slot.expand(batch, heads, 1))
         if self.shift is not None:
             before = (positions < gone).long()
             self.shift.on_drop_one(self.keys, before, slot, self.seen)

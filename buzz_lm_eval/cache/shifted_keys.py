@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..positions import KeyRotation
+from .slots import last_into
 
 LAG_CLASSES = 4  # runs of kept keys, each with its own lag, in a decode step with scores
 RESPLIT_EVERY = 32  # decode drops between two flushes and re-cuts of the runs
@@ -95,7 +96,7 @@ class ShiftedKeys:
         self.drops += 1
         runs = self.key_class.expand(*slot.shape[:2], -1)
         dropped = runs.gather(-1, slot)
-        runs = runs.scatter(-1, slot, runs[..., width:])[..., :width]  # the store's move: last slot -> freed
+        runs = last_into(runs, slot)  # the store's move: the last slot fills the freed one
         same = runs == dropped
         ahead = (before * same).sum(-1, keepdim=True)
         shift = (same.sum(-1, keepdim=True) < 2 * ahead).long()  # the keys ahead are the majority

@@ -81,6 +81,12 @@ class SlotStore:
         self._keys, self._values = self._keys[indices], self._values[indices]
 
 
+def last_into(per_slot: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Per-slot values [B, R, n] after a one-token drop (``keep_first`` of the last slot into the
+    freed ``slot`` [B, R, 1]): the last slot's value moves into ``slot``; n - 1 values remain."""
+    return per_slot.scatter(-1, slot, per_slot[..., -1:])[..., :-1]
+
+
 def _resized(buffer: torch.Tensor, live: int, capacity: int) -> torch.Tensor:
     batch, heads, _, dim = buffer.shape
     resized = buffer.new_empty(batch, heads, capacity, dim)
