@@ -83,23 +83,28 @@ class KeyRotation:
         """
         delta = delta.expand(keys.shape[:3])
         if keys.device.type == "cpu":
-            moved = delta.nonzero()  # [n, 3]: (row, head, slot) of each key that changes
+            flat = delta.reshape(-1)
+            moved = flat.nonzero().squeeze(1)  # (row * heads + head) * K + slot of each key that changes
             if moved.shape[0] == 0:
                 return
-            if 2 * moved.shape[0] <= delta.numel():
-                flat, steps = _rows(keys)
-                rows = (moved * torch.tensor(steps)).sum(-1)
-                flat.index_copy_(0, rows, self.rotate_(flat.index_select(0, rows), delta[delta != 0], bound))
+            rows = _rows(keys)
+            if rows is not None and 2 * moved.shape[0] <= flat.shape[0]:
+                rows, per_head = rows
+                width = keys.shape[2]
+                index = moved + (moved // width) * (per_head - width)  # the key's row in ``rows``
+                rows.index_copy_(0, index, self.rotate_(rows.index_select(0, index), flat.index_select(0, moved), bound))
                 return
         self.rotate_(keys, delta, bound)
 
 
-def _rows(keys: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """``keys`` [B, H, K, D] (a view of a contiguous buffer) as [rows, D], and the row steps of B, H and K."""
-    stride_b, stride_h, stride_k, _ = keys.stride()
-    batch, heads, length, dim = keys.shape
-    rows = (batch - 1) * (stride_b // stride_k) + (heads - 1) * (stride_h // stride_k) + length
-    return keys.as_strided((rows, dim), (stride_k, 1)), (stride_b // stride_k, stride_h // stride_k, 1)
+def _rows(keys: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """``keys`` [B, H, K, D], the first K slots of a contiguous [B, H, capacity, D] buffer (a slot
+    store's), as that buffer's [B * H * capacity, D] rows, and ``capacity``; None for another layout."""
+    batch, heads, _, dim = keys.shape
+    capacity = keys.stride(1) // dim
+    if keys.stride(0) != heads * keys.stride(1) or keys.stride(1) % dim or keys.stride(2) != dim or keys.stride(3) != 1:
+        return None
+    return keys.as_strided((batch * heads * capacity, dim), (dim, 1)), capacity
 
 
 def evicted_after(keep: torch.Tensor, length: int, real: torch.Tensor | None, kept_real: torch.Tensor | None) -> torch.Tensor:

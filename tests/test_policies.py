@@ -297,6 +297,36 @@ def test_padding_aware_path_equals_the_uniform_path(name):
         length = length if a is None else a.shape[-1]
 
 
+@pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n != "full"])
+def test_naming_the_one_dropped_token_equals_the_kept_list(name):
+    """``step_one`` (the decode fast path) names exactly the index ``step`` leaves out, and leaves
+    the same state; on any other step it declines and touches nothing."""
+    policy = build_policy(name, budget=20)
+    gen = torch.Generator().manual_seed(3)
+    one, listed, length, named = policy.new_state(), policy.new_state(), 0, 0
+    for step in range(60):
+        length += 4 if step % 11 == 0 else 1
+        attn = (torch.rand(2, 3, 1, length, generator=gen) * 4).round() / 4  # many ties
+        attn = attn if policy.needs_scores else None
+        dropped = policy.step_one(one, attn, (2, 3, length), torch.device("cpu"))
+        if dropped is None:
+            assert one.forwards == listed.forwards  # declined before touching the state
+            dropped_ok = policy.step(one, attn, shape=(2, 3, length))
+        keep = policy.step(listed, attn, shape=(2, 3, length))
+        if dropped is not None:
+            named += 1
+            assert keep is not None and keep.shape[-1] == length - 1
+            missing = torch.ones(2, 3, length, dtype=torch.bool).scatter_(-1, keep, False)
+            assert torch.equal(missing.int().argmax(-1, keepdim=True), dropped.expand(2, 3, 1))
+        else:
+            assert (keep is None) == (dropped_ok is None) and (keep is None or torch.equal(keep, dropped_ok))
+        assert one.forwards == listed.forwards
+        assert (one.scores is None) == (listed.scores is None)
+        assert one.scores is None or torch.equal(one.scores, listed.scores)
+        length = length if keep is None else keep.shape[-1]
+    assert named >= 40 if policy.drop_size() is not None else named == 0  # buzz: batches, never one
+
+
 @pytest.mark.parametrize("budget, chunk", [(128, 290), (256, 600)])
 def test_buzz_max_chunk_is_the_largest_chunk_that_keeps_the_budget(budget, chunk):
     policy = build_policy("buzz", budget=budget)

@@ -90,9 +90,11 @@ def test_lagging_shifted_keys_give_the_authors_logits(rope):
 
 
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-@pytest.mark.parametrize("policy", ["local", "streaming", "h2o", "tova", "knorm", "random"])
+@pytest.mark.parametrize("policy", ["local", "streaming", "h2o", "tova", "knorm", "random", "snapkv"])
 def test_dropping_one_token_matches_the_general_compaction(monkeypatch, policy, positions):
-    """The decode fast path (one token leaves) keeps, stores and orders exactly as the general path.
+    """The decode fast path (the policy names the one token that leaves, one slot moves) keeps,
+    stores and orders exactly as the policy's kept list does, whether the one-token drop reads the
+    dropped index off that list or the general compaction runs.
 
     Under ``shifted`` a score policy's fast path lets its keys lag in runs (``ShiftedKeys``), so its
     rotations compose in another order than the general path's one lag: keys and logits then agree
@@ -106,14 +108,27 @@ def test_dropping_one_token_matches_the_general_compaction(monkeypatch, policy, 
         logits = stream(model, random_batch([45], seed=6)["input_ids"], cache, chunk=1)
         return logits, [layer.kept() for layer in cache.layers], [layer.positions for layer in cache.layers]
 
+    named = []  # whether each step_one call named the dropped token
+    step_one = EvictingLayer.step_one
+
+    def counted(self, scores):
+        dropped = step_one(self, scores)
+        named.append(dropped is not None)
+        return dropped
+
+    monkeypatch.setattr(EvictingLayer, "step_one", counted)
     fast = run()
-    monkeypatch.setattr(EvictingLayer, "drop_one", EvictingLayer.compact_many)
+    assert sum(named) >= 20  # every decode step past the budget, in every layer
+    monkeypatch.setattr(EvictingLayer, "step_one", lambda self, scores: None)  # the kept list, then drop_one
+    from_list = run()
+    monkeypatch.setattr(EvictingLayer, "compact", EvictingLayer.compact_many)
     general = run()
     same = torch.equal if positions == "original" else lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-5)
-    assert same(fast[0], general[0])
-    for (keys, values, kept), (keys_g, values_g, kept_g) in zip(fast[1], general[1], strict=True):
-        assert same(keys, keys_g) and same(values, values_g) and torch.equal(kept, kept_g)
-    assert all(torch.equal(a, b) for a, b in zip(fast[2], general[2], strict=True))  # the same slots
+    for other in (from_list, general):
+        assert same(fast[0], other[0])
+        for (keys, values, kept), (keys_o, values_o, kept_o) in zip(fast[1], other[1], strict=True):
+            assert same(keys, keys_o) and same(values, values_o) and torch.equal(kept, kept_o)
+        assert all(torch.equal(a, b) for a, b in zip(fast[2], other[2], strict=True))  # the same slots
 
 
 @pytest.mark.parametrize("policy", ["random", "pyramidkv"])

@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..attention import offer_layer
 from ..policies import Policy
-from ..policies.base import real_slots
+from ..policies.base import all_but, real_slots
 from ..positions import KeyRotation, evicted_after
 from ..regime import Schedule
 from .shifted_keys import LAG_CLASSES, ShiftedKeys
@@ -260,6 +260,11 @@ class EvictingLayer(DynamicLayer):
         if self.phase != "evict":
             self.defer(scores)
             return
+        dropped = self.step_one(scores)
+        if dropped is not None:  # the decode step's one token leaves
+            self.drop_one(dropped)
+            self.stats.count_forward(self.stored())
+            return
         keep = self.run_policy(scores)
         budget = self.policy.budget
         while keep is not None:
@@ -270,28 +275,39 @@ class EvictingLayer(DynamicLayer):
             keep = self.run_policy(None if scores is None else scores.new_zeros(*scores.shape[:2], self.stored()))
         self.stats.count_forward(self.stored())
 
-    def run_policy(self, scores: torch.Tensor | None) -> torch.Tensor | None:
-        """One policy step over the stored tokens (original order); the kept indices or None.
-
-        ``scores`` are this forward's attention; a ``key_norm`` policy gets the stored keys' norms.
-        """
-        batch, heads, length, _ = self.keys.shape
+    def signal(self, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """What the policy reads ([B, H_kv, 1, L], original order): this forward's attention, or the
+        stored keys' norms for a ``key_norm`` policy."""
         if self.policy.signal == "key_norm":
             scores = self.in_order(self.key_norms)
+        return None if scores is None else scores.unsqueeze(2)
+
+    def run_policy(self, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """One policy step over the stored tokens (original order); the kept indices or None."""
+        batch, heads, length, _ = self.keys.shape
         return self.policy.step(
             self.state,
-            None if scores is None else scores.unsqueeze(2),
+            self.signal(scores),
             self.in_order(self.positions)[:, 0] >= 0 if self.padded else None,
             shape=(batch, heads, length),
             device=self.keys.device,
         )
 
+    def step_one(self, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """The policy's one-token step (``Policy.step_one``) when nothing is padding: the dropped
+        index [B|1, 1|H, 1] in original order, or None (then ``run_policy`` decides)."""
+        if self.padded or self.state.ragged or self.policy.drop_size() != self.stored() - 1:
+            return None
+        return self.policy.step_one(self.state, self.signal(scores), self.keys.shape[:3], self.keys.device)
+
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the tokens ``keep`` names; the common decode case (one token leaves, no padding) is cheaper."""
-        if self.padded or self.state.ragged or keep.shape[-1] != self.stored() - 1:
+        width = keep.shape[-1]
+        if self.padded or self.state.ragged or width != self.stored() - 1:
             self.compact_many(keep)
-        else:
-            self.drop_one(keep)
+        else:  # the one index missing from ``keep``
+            keep = self.tracked_rows(keep)
+            self.drop_one(width - (keep != torch.arange(width, device=keep.device)).sum(-1, keepdim=True))
 
     def tracked_rows(self, keep: torch.Tensor) -> torch.Tensor:
         """``keep`` [B, H, K] as [B, 1, K] when every head keeps the same list and the slots are still
@@ -300,27 +316,25 @@ class EvictingLayer(DynamicLayer):
             return keep[:, :1]
         return keep
 
-    def drop_one(self, keep: torch.Tensor) -> None:
-        """``compact`` when exactly one token of every row and head leaves and nothing is padding:
-        the last slot's token moves into the freed slot, and (under ``shifted``) the kept tokens
-        before the dropped one move one position forward, or those after it one back (whichever
-        are fewer, see ``ShiftedKeys``). Positions are monotone in the original order, so "before"
-        is read off the positions, without the order."""
+    def drop_one(self, dropped: torch.Tensor) -> None:
+        """Drop the token at index ``dropped`` [B|1, 1|H, 1] of the original order, nothing being
+        padding: the last slot's token moves into the freed slot, and (under ``shifted``) the kept
+        tokens before the dropped one move one position forward, or those after it one back
+        (whichever are fewer, see ``ShiftedKeys``). Positions are monotone in the original order,
+        so "before" is read off the positions, without the order."""
         batch, heads, length, _ = self.keys.shape
         width = length - 1
-        keep = self.tracked_rows(keep)
-        rows = keep.shape[1]
-        span = torch.arange(width, device=self.device)
-        dropped = width - (keep != span).sum(-1, keepdim=True)  # its index in the original order
+        shared = dropped.shape[1] == 1 and (self.order is None or self.order.shape[1] == 1)
+        rows = 1 if shared else heads  # the order and positions are tracked per row while heads agree
+        dropped = dropped.expand(batch, rows, 1)
         order = torch.arange(length, device=self.device) if self.order is None else self.order
         order = order.expand(batch, rows, length)
         slot = order.gather(-1, dropped)  # [B, rows, 1]
         if self.shift is not None:
             self.shift.before_drop(self.keys, order, self.seen)
-        last = torch.full_like(slot, width)
-        self.store.keep_first(width, last.expand(batch, heads, 1), slot.expand(batch, heads, 1))
+        self.store.move_last_into(slot.expand(batch, heads, 1))
         self.keys, self.values = self.store.keys, self.store.values
-        order = order.gather(-1, keep)
+        order = order.gather(-1, all_but(length, dropped))
         self.order = torch.where(order == width, slot, order)
         positions = self.positions.expand(batch, rows, length)
         gone = positions.gather(-1, slot)
@@ -328,7 +342,7 @@ class EvictingLayer(DynamicLayer):
         if self.key_norms is not None:
             self.key_norms = last_into(self.key_norms, slot.expand(batch, heads, 1))
         if self.shift is not None:
-            before = (positions < gone).long()
+            before = positions < gone
             self.shift.on_drop_one(self.keys, before, slot, self.seen)
             positions = positions + before
         self.positions, self.evicted = positions, True

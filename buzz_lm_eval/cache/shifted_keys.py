@@ -40,6 +40,7 @@ class ShiftedKeys:
         self.lag: torch.Tensor | None = None  # None: no key lags
         self.key_class: torch.Tensor | None = None  # None: every slot is in run 0
         self.drops = 0  # one-token drops since the runs were cut
+        self._run_ids = None
 
     def on_append(self, new_keys: torch.Tensor, bound: int) -> None:
         """Put freshly stored keys [B, H, q, D] (a view into the store) into the last run, ``lag`` back."""
@@ -82,28 +83,32 @@ class ShiftedKeys:
 
     def on_drop_one(self, keys: torch.Tensor, before: torch.Tensor, slot: torch.Tensor, bound: int) -> None:
         """One token dropped per row and head, its slot ``slot`` [B, R, 1] refilled by the last slot
-        (``keys`` already compacted); ``before`` [B, 1|H, K] marks (per slot) the kept keys ahead of
-        it. Runs before the dropped token's run add one to their lag; within its run, the keys ahead
-        of it rotate forward by one, or, when they are the majority, the keys after it rotate back
-        and the run's lag grows by one (the same choice ``on_evict`` makes for one run)."""
-        width = before.shape[-1]
+        (``keys`` already compacted); ``before`` [B, 1|H, K] bool marks (per slot) the kept keys
+        ahead of it. Runs before the dropped token's run add one to their lag; within its run, the
+        keys ahead of it rotate forward by one, or, when they are the majority, the keys after it
+        rotate back and the run's lag grows by one (the same choice ``on_evict`` makes for one run)."""
         if self.key_class is None:
             ahead = before.sum(-1, keepdim=True)
-            shift = (width - ahead < ahead).long()
-            self.lag = shift if self.lag is None else self.lag + shift
-            self.rotation.rotate_slots(keys, before - shift, bound)
+            shift = 2 * ahead > before.shape[-1]
+            self.lag = shift.long() if self.lag is None else self.lag + shift
+            self.rotation.rotate_slots(keys, before.long() - shift.long(), bound)
             return
         self.drops += 1
         runs = self.key_class.expand(*slot.shape[:2], -1)
         dropped = runs.gather(-1, slot)
         runs = last_into(runs, slot)  # the store's move: the last slot fills the freed one
         same = runs == dropped
-        ahead = (before * same).sum(-1, keepdim=True)
-        shift = (same.sum(-1, keepdim=True) < 2 * ahead).long()  # the keys ahead are the majority
-        ids = torch.arange(self.classes, device=slot.device)
-        self.lag = self.lag + (ids < dropped + shift)  # runs before the dropped one's, and it when shift
-        self.rotation.rotate_slots(keys, torch.where(same, before - shift, 0), bound)
+        ahead = before & same
+        shift = same.sum(-1, keepdim=True) < 2 * ahead.sum(-1, keepdim=True)  # the keys ahead are the majority
+        self.lag = self.lag + (self._ids(slot.device) < dropped + shift.long())  # runs before the dropped one's, and it when shift
+        self.rotation.rotate_slots(keys, ahead.long() - (same & shift).long(), bound)
         self.key_class = runs
+
+    def _ids(self, device) -> torch.Tensor:
+        """[C] the run numbers (made once per device)."""
+        if self._run_ids is None or self._run_ids.device != device:
+            self._run_ids = torch.arange(self.classes, device=device)
+        return self._run_ids
 
     def on_evict(self, keys: torch.Tensor, delta: torch.Tensor, order: torch.Tensor,
                  live: torch.Tensor | None, bound: int) -> None:

@@ -76,6 +76,15 @@ class SlotStore:
                 buffer.scatter_(2, dst.unsqueeze(-1).expand(shape), moved)
         self.n = kept
 
+    def move_last_into(self, slot: torch.Tensor) -> None:
+        """Drop one token per row and head: the last live slot moves into ``slot`` [B, H, 1] (the
+        last slot itself: nothing moves), then ``n - 1`` slots remain."""
+        last = self.n - 1
+        for buffer in (self._keys, self._values):
+            index = slot.unsqueeze(-1).expand(*slot.shape, buffer.shape[-1])
+            buffer.scatter_(2, index, buffer[:, :, last : last + 1])
+        self.n = last
+
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep (or reorder) batch rows."""
         self._keys, self._values = self._keys[indices], self._values[indices]

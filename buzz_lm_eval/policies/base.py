@@ -13,7 +13,9 @@ and ``state.n_real`` says how many trailing slots of each row are real.
 
 Each policy states its rule twice: ``pick`` for rows of one shared geometry (no mask: index
 arithmetic, no masks or sorts, the hot path) and ``select`` for rows with their own padding
-(boolean masks). The tests run both on the same inputs and require identical results.
+(boolean masks). The tests run both on the same inputs and require identical results. Policies
+that drop one token per decode step also name that token alone (``drop_size`` and
+``drop_index``, behind ``step_one``), so a decode step never builds and decodes a kept list.
 """
 
 from __future__ import annotations
@@ -109,8 +111,15 @@ class Policy:
     def observe(self, state: PolicyState, attn: torch.Tensor | None) -> None:
         """A forward before a deferred (after-prefill) eviction: accumulate scores, evict nothing."""
         if self.accumulates and attn is not None:
-            current = self._window(attn).sum(dim=2, dtype=torch.float32)
-            state.scores = _accumulate(state.scores, current, attn.shape[-1])
+            state.scores = _accumulate(state.scores, self._current(attn), attn.shape[-1])
+
+    def _current(self, attn: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, H, L] float32: ``attn`` summed over the queries this policy counts (read, never written)."""
+        if attn is None:
+            return None
+        if attn.shape[2] == 1 and attn.dtype == torch.float32:
+            return attn[:, :, 0]  # one query (a decode step, or the cache's own sum): nothing to add up
+        return self._window(attn).sum(dim=2, dtype=torch.float32)
 
     def _window(self, attn: torch.Tensor) -> torch.Tensor:
         """The queries of ``attn`` [B, H, q, L] this policy counts (the last ``query_window``)."""
@@ -139,7 +148,7 @@ class Policy:
             if attn.dim() != 4:
                 raise ValueError(f"attn must be [B, H_kv, q, L], got shape {tuple(attn.shape)}")
             batch, heads, _, length = attn.shape
-            current = self._window(attn).sum(dim=2, dtype=torch.float32)
+            current = self._current(attn)
             device = attn.device
         elif shape is not None:
             (batch, heads, length), current = shape, None
@@ -184,6 +193,27 @@ class Policy:
             state.n_old = torch.full((batch, 1, 1), picked.n_old, device=device)
         return keep
 
+    def step_one(
+        self, state: PolicyState, attn: torch.Tensor | None, shape: tuple[int, int, int], device: torch.device
+    ) -> torch.Tensor | None:
+        """``step`` (no mask) for a step that drops exactly one token: the index of that token,
+        [1|B, 1|H, 1] in original order; ``step`` would keep every other one (the state is
+        updated alike). None, with the state untouched, when this policy drops no single token
+        from ``shape = (B, H_kv, L)`` (no ``drop_size``, another length, or earlier samples).
+        """
+        batch, heads, length = shape
+        if self.drop_size() != length - 1 or state.n_old is not None:
+            return None
+        state.forwards += 1
+        current = self._current(attn)
+        if self.accumulates:
+            state.scores = _accumulate(state.scores, current, length)
+        dropped = self.drop_index(state, length, current, device)
+        state.n_real, state.ragged = None, False  # every row real: nothing to record (see ``compact``)
+        if state.scores is not None:
+            state.scores = state.scores.gather(-1, all_but(length, dropped).expand(batch, heads, -1))
+        return dropped
+
     # -- hooks for subclasses (the same rule, twice) -----------------------------------------
     def select(
         self, state: PolicyState, inp: StepInput, current: torch.Tensor | None
@@ -193,6 +223,15 @@ class Policy:
 
     def pick(self, state: PolicyState, length: int, current, device) -> Picked | None:
         """Rows without padding (one geometry): the kept indices, or None to keep everything."""
+        raise NotImplementedError
+
+    def drop_size(self) -> int | None:
+        """The tokens a step without padding keeps when it drops exactly one (None: no such step)."""
+        return None
+
+    def drop_index(self, state: PolicyState, length: int, current, device) -> torch.Tensor:
+        """``pick`` for ``length == drop_size() + 1``: the dropped index [1|B, 1|H, 1] (the state's
+        scores are already accumulated and are compacted by the caller)."""
         raise NotImplementedError
 
     def max_chunk(self) -> int | None:
@@ -238,6 +277,12 @@ def _accumulate(scores: torch.Tensor | None, current: torch.Tensor, length: int)
 def span(start: int, stop: int, device, step: int = 1) -> torch.Tensor:
     """``arange(start, stop, step)`` shaped [1, 1, n] to broadcast over rows and heads."""
     return torch.arange(start, stop, step, device=device).view(1, 1, -1)
+
+
+def all_but(length: int, dropped: torch.Tensor) -> torch.Tensor:
+    """[.., length - 1] ascending indices of ``[0, length)`` without ``dropped`` [.., 1]."""
+    kept = torch.arange(length - 1, device=dropped.device)
+    return kept + (kept >= dropped)
 
 
 def _indices_from_mask(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

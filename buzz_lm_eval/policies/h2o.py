@@ -6,7 +6,7 @@ import torch
 
 from .base import Picked, Policy, Selection, check_sizes, span
 from .budget import split_budget
-from .ranked import top_indices
+from .ranked import lowest, top_indices
 
 
 class H2OPolicy(Policy):
@@ -49,3 +49,9 @@ class H2OPolicy(Policy):
         top = top_indices(state.scores[..., : length - self.recent], self.heavy)
         recent = span(length - self.recent, length, device).expand(*top.shape[:2], -1)
         return Picked(torch.cat([top, recent], dim=-1))
+
+    def drop_size(self):
+        return self.heavy + self.recent
+
+    def drop_index(self, state, length, current, device):
+        return lowest(state.scores[..., : length - self.recent])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import Picked, Policy, Selection, check_sizes, span
 
 
@@ -32,3 +34,9 @@ class LocalPolicy(Policy):
 
     def pick(self, state, length, current, device):
         return None if length <= self.window else Picked(span(length - self.window, length, device))
+
+    def drop_size(self):
+        return self.window
+
+    def drop_index(self, state, length, current, device):
+        return torch.zeros((1, 1, 1), dtype=torch.long, device=device)  # the oldest token

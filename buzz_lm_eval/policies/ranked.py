@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Picked, Policy, Selection, StepInput, check_sizes, span
+from .base import Picked, Policy, Selection, StepInput, all_but, check_sizes, span
 from .budget import split_budget
 
 
@@ -24,11 +24,15 @@ def top_mask(scores: torch.Tensor, candidate: torch.Tensor, count: int) -> torch
 def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
     """[.., count] ascending indices of the ``count`` highest scores per row/head (ties: earliest)."""
     length = scores.shape[-1]
-    if count == length - 1:  # a decode step drops one: the lowest score, the latest of equal ones
-        dropped = length - 1 - scores.flip(-1).argmin(dim=-1, keepdim=True)
-        kept = torch.arange(count, device=scores.device)
-        return kept + (kept >= dropped)
+    if count == length - 1:  # a decode step drops one
+        return all_but(length, lowest(scores))
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :count].sort(dim=-1).values
+
+
+def lowest(scores: torch.Tensor) -> torch.Tensor:
+    """[.., 1] the index of the lowest score per row/head, the latest of equal ones: the one index
+    ``top_indices`` leaves out when it keeps all but one."""
+    return scores.shape[-1] - 1 - scores.flip(-1).argmin(dim=-1, keepdim=True)
 
 
 class RankedPolicy(Policy):
@@ -61,3 +65,9 @@ class RankedPolicy(Policy):
         if length <= self.capacity:
             return None
         return Picked(top_indices(self.ranking(state, current, span(0, length, device)), self.capacity))
+
+    def drop_size(self):
+        return self.capacity
+
+    def drop_index(self, state, length, current, device):
+        return lowest(self.ranking(state, current, span(0, length, device)))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .base import Picked, Policy, Selection, StepInput, check_sizes, span
 from .budget import split_budget
-from .ranked import top_indices, top_mask
+from .ranked import lowest, top_indices, top_mask
 
 OBSERVATION, KERNEL, POOLING = 32, 7, "avg"
 POOLINGS = ("avg", "max")
@@ -70,5 +70,16 @@ class SnapKVPolicy(Policy):
         if length <= self.heavy + self.observation:
             return None
         boundary = length - self.observation
-        top = top_indices(self.pooled(current, span(0, length, device) < boundary)[..., :boundary], self.heavy)
+        top = top_indices(self.older_pooled(current, length, device), self.heavy)
         return Picked(torch.cat([top, span(boundary, length, device).expand(*top.shape[:2], -1)], dim=-1))
+
+    def older_pooled(self, current: torch.Tensor, length: int, device) -> torch.Tensor:
+        """[B, H, L - observation] the pooled scores of the tokens before the observation window."""
+        boundary = length - self.observation
+        return self.pooled(current, span(0, length, device) < boundary)[..., :boundary]
+
+    def drop_size(self):
+        return self.heavy + self.observation
+
+    def drop_index(self, state, length, current, device):
+        return lowest(self.older_pooled(current, length, device))

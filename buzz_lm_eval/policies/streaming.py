@@ -39,3 +39,9 @@ class StreamingPolicy(Policy):
         if length <= self.sink + self.window:
             return None
         return Picked(torch.cat([span(0, self.sink, device), span(length - self.window, length, device)], dim=-1))
+
+    def drop_size(self):
+        return self.sink + self.window
+
+    def drop_index(self, state, length, current, device):
+        return torch.full((1, 1, 1), self.sink, device=device)  # the oldest token after the sinks
