@@ -70,16 +70,17 @@ class SnapKVPolicy(Policy):
         if length <= self.heavy + self.observation:
             return None
         boundary = length - self.observation
-        top = top_indices(self.older_pooled(current, length, device), self.heavy)
+        top = top_indices(self.older_pooled(current, length), self.heavy)
         return Picked(torch.cat([top, span(boundary, length, device).expand(*top.shape[:2], -1)], dim=-1))
 
-    def older_pooled(self, current: torch.Tensor, length: int, device) -> torch.Tensor:
-        """[B, H, L - observation] the pooled scores of the tokens before the observation window."""
-        boundary = length - self.observation
-        return self.pooled(current, span(0, length, device) < boundary)[..., :boundary]
+    def older_pooled(self, current: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, H, L - observation] ``pooled`` of the tokens before the observation window, for rows
+        without padding: the pool's zero padding stands in for the window's scores left out."""
+        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d  # scores >= 0: a 0 never wins a max
+        return pool(current[..., : length - self.observation], kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
 
     def drop_size(self):
         return self.heavy + self.observation
 
     def drop_index(self, state, length, current, device):
-        return lowest(self.older_pooled(current, length, device))
+        return lowest(self.older_pooled(current, length))
