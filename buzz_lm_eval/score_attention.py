@@ -102,7 +102,10 @@ def _pass(query, key, value, visible, scaling, window, softcap, key_class=None):
     keys_t, values = key.flatten(0, 1).transpose(1, 2), value.flatten(0, 1)  # views: K/V never copied
     block = _block_queries(pairs * groups, length, dim, groups, query.device)
     flags, weights = _visibility_and_weights(visible, batch, kv_heads, groups)
-    ones = None if weights is not None else torch.ones(1, 1, min(block, q_len) * groups, dtype=torch.float32, device=query.device)
+    # each query row's weight in the column sums (a GEMV: twice as fast on CPU as a row reduction)
+    row_weights = weights
+    if row_weights is None:
+        row_weights = torch.ones(1, 1, q_len * groups, dtype=torch.float32, device=query.device).expand(pairs, 1, -1)
     future = _future_bias(min(block, q_len), query.device) if visible is None and q_len > 1 else None
     total = None
     output = value.new_empty(pairs, q_len * groups, value.shape[-1])
@@ -125,9 +128,7 @@ def _pass(query, key, value, visible, scaling, window, softcap, key_class=None):
         probs = torch.softmax(logits, dim=-1, out=logits)
         counted = groups * max(0, q_len - window - start) if window is not None else 0
         if counted < size * groups:
-            # column sums as a GEMV: twice as fast on CPU as a reduction over the rows
-            rows_weights = ones[:, :, : size * groups].expand(pairs, 1, -1) if weights is None else weights[:, :, start * groups : stop * groups]
-            part = torch.bmm(rows_weights[:, :, counted:], probs[:, counted:]).squeeze(1)
+            part = torch.bmm(row_weights[:, :, start * groups + counted : stop * groups], probs[:, counted:]).squeeze(1)
             total = _accumulate(total, part, length)
         torch.bmm(probs.to(value.dtype), values[:, :seen], out=output[:, start * groups : stop * groups])
     output = output.view(batch, kv_heads, q_len, groups, -1)

@@ -294,9 +294,10 @@ class EvictingLayer(DynamicLayer):
         )
 
     def step_one(self, scores: torch.Tensor | None) -> torch.Tensor | None:
-        """The policy's one-token step (``Policy.step_one``) when nothing is padding: the dropped
-        index [B|1, 1|H, 1] in original order, or None (then ``run_policy`` decides)."""
-        if self.padded or self.state.ragged or self.policy.drop_size() != self.stored() - 1:
+        """The policy's one-token step (``Policy.step_one``, which declines every other step) when
+        nothing is padding: the dropped index [B|1, 1|H, 1] in original order, or None (then
+        ``run_policy`` decides)."""
+        if self.padded or self.state.ragged:
             return None
         return self.policy.step_one(self.state, self.signal(scores), self.keys.shape[:3], self.keys.device)
 

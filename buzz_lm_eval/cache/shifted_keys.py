@@ -40,7 +40,6 @@ class ShiftedKeys:
         self.lag: torch.Tensor | None = None  # None: no key lags
         self.key_class: torch.Tensor | None = None  # None: every slot is in run 0
         self.drops = 0  # one-token drops since the runs were cut
-        self._run_ids = None
 
     def on_append(self, new_keys: torch.Tensor, bound: int) -> None:
         """Put freshly stored keys [B, H, q, D] (a view into the store) into the last run, ``lag`` back."""
@@ -100,15 +99,10 @@ class ShiftedKeys:
         same = runs == dropped
         ahead = before & same
         shift = same.sum(-1, keepdim=True) < 2 * ahead.sum(-1, keepdim=True)  # the keys ahead are the majority
-        self.lag = self.lag + (self._ids(slot.device) < dropped + shift.long())  # runs before the dropped one's, and it when shift
+        ids = torch.arange(self.classes, device=slot.device)
+        self.lag = self.lag + (ids < dropped + shift.long())  # runs before the dropped one's, and it when shift
         self.rotation.rotate_slots(keys, ahead.long() - (same & shift).long(), bound)
         self.key_class = runs
-
-    def _ids(self, device) -> torch.Tensor:
-        """[C] the run numbers (made once per device)."""
-        if self._run_ids is None or self._run_ids.device != device:
-            self._run_ids = torch.arange(self.classes, device=device)
-        return self._run_ids
 
     def on_evict(self, keys: torch.Tensor, delta: torch.Tensor, order: torch.Tensor,
                  live: torch.Tensor | None, bound: int) -> None:

@@ -91,8 +91,8 @@ class SlotStore:
 
 
 def last_into(per_slot: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Per-slot values [B, R, n] after a one-token drop (``keep_first`` of the last slot into the
-    freed ``slot`` [B, R, 1]): the last slot's value moves into ``slot``; n - 1 values remain."""
+    """Per-slot values [B, R, n] after a one-token drop (``move_last_into`` of the freed ``slot``
+    [B, R, 1]): the last slot's value moves into ``slot``; n - 1 values remain."""
     return per_slot.scatter(-1, slot, per_slot[..., -1:])[..., :-1]
 
 

@@ -53,7 +53,10 @@ class SnapKVPolicy(Policy):
 
     def pooled(self, current: torch.Tensor, older: torch.Tensor) -> torch.Tensor:
         """[B, H, L] scores of the ``older`` tokens pooled over ``kernel`` neighbours (others count 0)."""
-        scores = torch.where(older, current, 0.0)
+        return self._pool(torch.where(older, current, 0.0))
+
+    def _pool(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` [B, H, n] pooled over ``kernel`` centred neighbours (stride 1, padded to n)."""
         pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
         return pool(scores, kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
 
@@ -75,9 +78,9 @@ class SnapKVPolicy(Policy):
 
     def older_pooled(self, current: torch.Tensor, length: int) -> torch.Tensor:
         """[B, H, L - observation] ``pooled`` of the tokens before the observation window, for rows
-        without padding: the pool's zero padding stands in for the window's scores left out."""
-        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d  # scores >= 0: a 0 never wins a max
-        return pool(current[..., : length - self.observation], kernel_size=self.kernel, stride=1, padding=self.kernel // 2)
+        without padding: the pool's padding stands in for the window's scores left out (an average
+        counts it as 0; scores are >= 0, so a left-out 0 never wins a max either)."""
+        return self._pool(current[..., : length - self.observation])
 
     def drop_size(self):
         return self.heavy + self.observation
