@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 SCORE_BLOCK_ELEMENTS = 1 << 24  # logits elements of one query block off the CPU (memory bound)
-SCORE_BLOCK_ELEMENTS_CPU = 1 << 20  # on CPU: a block's logits (4 MiB) stay in the cores' L2 caches
+SCORE_BLOCK_ELEMENTS_CPU = 1 << 19  # on CPU: a block's logits (2 MiB) as big as one core's L2 cache
+MIN_ROWS_PER_DIM = 4  # a block has >= 4 x head_dim rows per KV head: thinner QK^T GEMMs (inner size
+# head_dim) run well below the machine's rate, which costs more than a block spilling into L3
 _HIDDEN = torch.finfo(torch.float32).min  # finite: a row that sees nothing stays NaN-free
 
 
@@ -65,7 +67,7 @@ def _one_pass(query, key, value, visible, scaling, window, softcap, key_class=No
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups, pairs = q_heads // kv_heads, batch * kv_heads
-    per_pass = _pairs_per_pass(groups, length, dim, query.device)
+    per_pass = _pairs_per_pass(groups, q_len, length, dim, query.device)
     if per_pass >= pairs:
         return _pass(query, key, value, visible, scaling, window, softcap, key_class)
     # every pair as a row of its own with one KV head (views of K/V; a shared mask stays shared)
@@ -168,15 +170,20 @@ def _future_bias(size: int, device) -> torch.Tensor:
     return torch.zeros(size, 1, size, device=device).masked_fill_(upper.unsqueeze(1), _HIDDEN)
 
 
-def _pairs_per_pass(groups: int, length: int, dim: int, device: torch.device) -> int:
+def _pairs_per_pass(groups: int, q_len: int, length: int, dim: int, device: torch.device) -> int:
     """(row, KV head) pairs whose minimal query block (see ``_block_queries``) fits the block budget."""
-    return max(1, _block_elements(device) // (-(-dim // groups) * groups * length))
+    rows = groups * min(q_len, _min_block_queries(dim, groups))
+    return max(1, _block_elements(device) // (rows * length))
 
 
 def _block_queries(rows_per_query: int, length: int, dim: int, groups: int, device: torch.device) -> int:
     """Queries per block: its logits stay in cache on CPU (memory is the bound elsewhere), but
-    at least ``dim`` rows per KV head, so that re-reading the keys does not dominate."""
-    return max(-(-dim // groups), _block_elements(device) // max(1, rows_per_query * length))
+    at least ``MIN_ROWS_PER_DIM x dim`` rows per KV head, so that the GEMMs run at speed."""
+    return max(_min_block_queries(dim, groups), _block_elements(device) // max(1, rows_per_query * length))
+
+
+def _min_block_queries(dim: int, groups: int) -> int:
+    return -(-MIN_ROWS_PER_DIM * dim // groups)
 
 
 def _block_elements(device: torch.device) -> int:

@@ -64,7 +64,13 @@ def padded_mask(batch, heads, q_len, length, pad):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Query blocks of the minimum size, so that a few queries span several blocks."""
+    tiny_blocks(monkeypatch)
+
+
+def tiny_blocks(monkeypatch) -> None:
+    """The smallest query blocks: ``ceil(dim / groups)`` queries, one (row, KV head) pair per pass."""
     monkeypatch.setattr(score_attention, "SCORE_BLOCK_ELEMENTS_CPU", 1)
+    monkeypatch.setattr(score_attention, "MIN_ROWS_PER_DIM", 1)
 
 
 @pytest.mark.parametrize("q_len, length", [(1, 40), (21, 21), (21, 50)])
@@ -89,7 +95,7 @@ def test_keys_in_lag_runs_are_scored_by_their_runs_query(monkeypatch, class_head
     """One decode query in 3 variants (one per lag run): each key is scored by its own run's
     (small blocks: one (row, KV head) pair per pass, as at long contexts)."""
     if blocks == "small":
-        monkeypatch.setattr(score_attention, "SCORE_BLOCK_ELEMENTS_CPU", 1)
+        tiny_blocks(monkeypatch)
     torch.manual_seed(7)
     variants, (key, value) = torch.randn(2, 4, 3, 8), views(2, 2, 30, 8)
     key_class = torch.randint(0, 3, (2, class_heads, 30))
@@ -153,18 +159,21 @@ def test_softcap_on_strided_views_across_blocks(small_blocks):
 
 def test_long_contexts_run_a_few_pairs_per_pass():
     """At a long context a minimal query block of every (row, KV head) pair would not fit the block
-    budget: the pairs then run a few at a time (each pass's logits stay in cache)."""
+    budget: the pairs then run a few at a time (each pass's logits stay in cache). A decode
+    step's one query (or one per lag run) is a small block: every pair runs in one pass."""
     cpu = torch.device("cpu")  # the benchmark's tiny model: 4 KV heads of dim 32, 2 query heads each
-    assert score_attention._pairs_per_pass(2, 4096, 32, cpu) >= 4  # all four pairs in one pass
-    assert score_attention._pairs_per_pass(2, 16384, 32, cpu) < 4
-    assert score_attention._pairs_per_pass(2, 10**7, 32, cpu) == 1
+    assert score_attention._pairs_per_pass(2, 512, 1024, 32, cpu) >= 4  # all four pairs in one pass
+    assert score_attention._pairs_per_pass(2, 512, 16384, 32, cpu) < 4
+    assert score_attention._pairs_per_pass(2, 512, 10**7, 32, cpu) == 1
+    assert score_attention._pairs_per_pass(2, 4, 16384, 32, cpu) >= 4
+    assert score_attention._block_queries(2, 16384, 32, 2, cpu) == 4 * 32 // 2  # never thinner than 4 x dim rows
 
 
 def test_one_block_and_many_blocks_agree(monkeypatch):
     torch.manual_seed(4)
     query, (key, value) = hf_query(1, 8, 40, 16), views(1, 4, 64, 16)
     whole = attention_with_scores(query, key, value, padded_mask(1, 4, 40, 64, pad=2), 0.25, window=17)
-    monkeypatch.setattr(score_attention, "SCORE_BLOCK_ELEMENTS_CPU", 1)
+    tiny_blocks(monkeypatch)
     assert score_attention._block_queries(4 * 2, 64, 16, 2, query.device) == 8
     blocks = attention_with_scores(query, key, value, padded_mask(1, 4, 40, 64, pad=2), 0.25, window=17)
     assert torch.allclose(whole[0], blocks[0], atol=1e-6) and torch.allclose(whole[1], blocks[1], atol=1e-5)
