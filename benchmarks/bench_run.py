@@ -262,9 +262,9 @@ def best_prefills(model, specs: list[Spec], repeats: int, args) -> list[dict]:
             seconds.append(case.prefill_s)
     best = [min(seconds) for seconds in runs]
     return [{"model": spec.model, "policy": spec.policy, "evict": case.regime, "budget": spec.budget,
-             "length": spec.length, "prefill_s": min(seconds), "prefill_x_full": min(seconds) / best[0],
-             "repeats": repeats, "prefill_spread_pct": 100 * (max(seconds) - min(seconds)) / min(seconds)}
-            for spec, case, seconds in zip(specs, cases, runs, strict=True)]
+             "length": spec.length, "prefill_s": fastest, "prefill_x_full": fastest / best[0],
+             "repeats": repeats, "prefill_spread_pct": 100 * (max(seconds) - fastest) / fastest}
+            for spec, case, seconds, fastest in zip(specs, cases, runs, best, strict=True)]
 
 
 def run_case(model, name: str, policy: str, budget: int | None, length: int, steps: int, args,

@@ -87,11 +87,11 @@ class KeyRotation:
             moved = flat.nonzero().squeeze(1)  # (row * heads + head) * K + slot of each key that changes
             if moved.shape[0] == 0:
                 return
-            rows = _rows(keys)
-            if rows is not None and 2 * moved.shape[0] <= flat.shape[0]:
-                rows, per_head = rows
+            layout = _rows(keys)
+            if layout is not None and 2 * moved.shape[0] <= flat.shape[0]:
+                rows, capacity = layout
                 width = keys.shape[2]
-                index = moved + (moved // width) * (per_head - width)  # the key's row in ``rows``
+                index = moved + (moved // width) * (capacity - width)  # the key's row in ``rows``
                 rows.index_copy_(0, index, self.rotate_(rows.index_select(0, index), flat.index_select(0, moved), bound))
                 return
         self.rotate_(keys, delta, bound)

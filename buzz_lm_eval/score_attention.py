@@ -183,6 +183,7 @@ def _block_queries(rows_per_query: int, length: int, dim: int, groups: int, devi
 
 
 def _min_block_queries(dim: int, groups: int) -> int:
+    """Queries of the smallest block: ``MIN_ROWS_PER_DIM x dim`` rows per KV head, rounded up."""
     return -(-MIN_ROWS_PER_DIM * dim // groups)
 
 
