@@ -108,6 +108,25 @@ def test_keys_in_lag_runs_are_scored_by_their_runs_query(monkeypatch, class_head
     assert not torch.allclose(output, first_only, atol=1e-3)  # the runs really change the result
 
 
+@pytest.mark.parametrize("runs", [None, 3])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_takes_the_keys_first_path_and_matches_eager(monkeypatch, runs, softcap, dtype):
+    """One query seeing every key (or its lag-run variants) is computed as K q^T; the block kernel
+    is not called, and output and scores are eager attention's."""
+    monkeypatch.setattr(score_attention, "_pass", None)  # the block kernel would fail if called
+    torch.manual_seed(9)
+    variants, (key, value) = torch.randn(2, 4, runs or 1, 8) * 3, views(2, 2, 40, 8)
+    key_class = None if runs is None else torch.randint(0, runs, (2, 2, 40))
+    cast = [t.to(dtype) for t in (variants, key, value)]
+    output, scores = attention_with_scores(*cast, None, 0.3, softcap=softcap, key_class=key_class)
+    probs, expected = eager(*cast, None, 0.3, softcap=softcap, key_class=key_class)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert output.shape == (2, 1, 4, 8) and output.dtype == dtype and scores.dtype == torch.float32
+    assert torch.allclose(output.float(), expected, atol=tolerance)
+    assert torch.allclose(scores, group_sum(probs, 2), atol=tolerance)
+
+
 def test_only_a_plain_causal_chunk_mask_is_dropped():
     """The library's mask of an unpadded chunk is recognised (the kernel then skips future keys);
     a padded mask, a hidden key, or a single query's mask is kept."""

@@ -24,7 +24,7 @@ import torch
 from ..positions import KeyRotation
 from .slots import last_into
 
-LAG_CLASSES = 4  # runs of kept keys, each with its own lag, in a decode step with scores
+LAG_CLASSES = 2  # runs of kept keys, each with its own lag, in a decode step with scores
 RESPLIT_EVERY = 32  # decode drops between two flushes and re-cuts of the runs
 
 
