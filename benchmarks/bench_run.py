@@ -204,7 +204,7 @@ class Case:
         return {
             "model": spec.model, "policy": spec.policy, "evict": self.regime, "budget": spec.budget,
             "length": spec.length, "steps": steps, "prefill_s": self.prefill_s, "step_ms": step_ms,
-            "step_ms_median": median_ms, "evict_ms": evict_ms, "evict_share_pct": 100 * evict_ms / step_ms,
+            "step_ms_median": median_ms, "step_ms_all": [1000 * t for t in self.times], "evict_ms": evict_ms, "evict_share_pct": 100 * evict_ms / step_ms,
             "evictions": self.fired, "peak_tokens_prefill": self.prefill_peak, "peak_tokens_decode": decode_peak,
             "within_budget": decode_peak <= spec.budget if self.regime == "every_forward" else None,
             "kv_bytes_peak": stats["kv_bytes_peak"], "compression_ratio": stats["compression_ratio"],

@@ -53,19 +53,20 @@ class KeyRotation:
             self._table = torch.stack([angles.cos(), angles.sin()], dim=1)
         return self._table
 
-    def rotate_(self, keys: torch.Tensor, delta: torch.Tensor, bound: int) -> torch.Tensor:
-        """Rotate ``keys`` [.., K, D] in place by ``delta`` [.., K] positions (|delta| <= ``bound``).
+    def rotate_(self, keys: torch.Tensor, delta: torch.Tensor, bound: int, back: bool = False) -> torch.Tensor:
+        """Rotate ``keys`` [.., K, D] in place by ``delta`` [.., K] positions (|delta| <= ``bound``),
+        or by ``-delta`` with ``back``.
 
         RoPE's rotate-half layout: dimension j pairs with j + rotary_dim / 2; float32 math. A
         delta of 0 leaves a key exactly as it was.
         """
         table = self.tables(bound, keys.device)
-        half = self.rotary_dim // 2
-        rows = (delta + table.shape[0] // 2).reshape(-1)
+        half, middle = self.rotary_dim // 2, table.shape[0] // 2
+        rows = (middle - delta if back else delta + middle).reshape(-1)
         cos_sin = table.view(table.shape[0], -1).index_select(0, rows).view(*delta.shape, 2, half)
         cos, sin = cos_sin[..., 0, :], cos_sin[..., 1, :]
         first, second = keys[..., :half], keys[..., half : self.rotary_dim]
-        x, y = first.float(), second.float()  # the keys themselves when they are float32
+        x, y = (first, second) if keys.dtype == torch.float32 else (first.float(), second.float())
         x_sin = x * sin
         x.mul_(cos).addcmul_(y, sin, value=-1)
         y.mul_(cos).add_(x_sin)

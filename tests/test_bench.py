@@ -103,6 +103,17 @@ def test_step_target_uses_the_noise_allowance():
     assert "warning" in targets.step_lines(section | {"noise_pct": 9.0})[1]
 
 
+def test_step_ratio_pairs_the_steps_of_one_round():
+    """A burst that slows both cases of a round cancels in the paired ratio; the ratio of medians
+    would read it as a difference."""
+    policy = {"step_ms_all": [10.0, 10.0, 30.0, 30.0, 30.0]}
+    reference = {"step_ms_all": [10.0, 10.0, 30.0, 30.0, 10.0]}
+    assert bench_cache.paired_ratio(policy, reference) == 1.0
+    assert bench_cache.paired_ratio({"step_ms_all": [11.0, 22.0, 33.0]}, {"step_ms_all": [10.0, 20.0, 30.0]}) == 1.1
+    with pytest.raises(ValueError):
+        bench_cache.paired_ratio(policy, {"step_ms_all": [10.0]})  # rounds that do not pair up
+
+
 def test_buzz_every_forward_share_is_judged_on_its_amortised_cycle():
     section = {"rows": [row("buzz", evict_share_pct=0.1), row("buzz", "after_prefill", evict_share_pct=0.1),
                         row("h2o", evict_share_pct=6.0)]}

@@ -45,7 +45,7 @@ class ShiftedKeys:
         """Put freshly stored keys [B, H, q, D] (a view into the store) into the last run, ``lag`` back."""
         if self.lag is None:
             return
-        self.rotation.rotate_(new_keys, -self.lag[..., -1:].expand(new_keys.shape[:3]), bound)
+        self.rotation.rotate_(new_keys, self.lag[..., -1:].expand(new_keys.shape[:3]), bound, back=True)
         if self.key_class is not None:
             last = self.key_class.new_full((*self.key_class.shape[:2], new_keys.shape[2]), self.classes - 1)
             self.key_class = torch.cat([self.key_class, last], dim=-1)
@@ -64,9 +64,9 @@ class ShiftedKeys:
         batch, heads, length, dim = query.shape
         lag = self.lag.repeat_interleave(heads // self.lag.shape[1], dim=1) if self.lag.shape[1] > 1 else self.lag
         if self.key_class is None:
-            return self.rotation.rotate_(query.clone(), -lag.expand(batch, heads, length), bound), None
+            return self.rotation.rotate_(query.clone(), lag.expand(batch, heads, length), bound, back=True), None
         variants = query.expand(batch, heads, self.classes, dim).clone()
-        return self.rotation.rotate_(variants, -lag.expand(batch, heads, self.classes), bound), self.key_class
+        return self.rotation.rotate_(variants, lag.expand(batch, heads, self.classes), bound, back=True), self.key_class
 
     def before_drop(self, keys: torch.Tensor, order: torch.Tensor, bound: int) -> None:
         """Before a one-token drop (``keys`` not yet compacted, ``order`` [B, 1|H, L] the slots in
