@@ -32,7 +32,7 @@ from bench_run import (  # noqa: F401  (prefill, decode, sync: for scripts impor
 from bench_selection import selection_bench, selection_markdown
 from bench_sync import sync_check, sync_markdown
 
-DEFAULTS = {"lengths": [1024, 4096, 16384], "budgets": [256, 1024], "steps": 64, "decode_context": 4096, "repeats": 2}
+DEFAULTS = {"lengths": [1024, 4096, 16384], "budgets": [256, 1024], "steps": 64, "decode_context": 4096, "repeats": 3}
 QUICK = {"lengths": [1024, 4096], "budgets": [256], "steps": 8, "decode_context": 1024, "repeats": 1}
 CUDA = {"lengths": [4096, 16384, 32768], "budgets": [512, 1024, 2048], "steps": 32, "decode_context": 4096, "repeats": 2}
 TARGET_BUDGET = 1024  # the decode section's budget when the run has it

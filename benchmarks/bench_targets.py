@@ -11,9 +11,10 @@ TARGET_PREFILL = 1.2  # score-policy chunked prefill, x the full cache's, at mos
 TARGET_PREFILL_LENGTH = 4096  # judged from this context up
 TARGET_EVICT_SHARE = 5.0  # eviction, % of a decode step at the decode context, at most
 TARGET_DECODE_GPU = 1.5  # buzz budget 1024 decode tokens/s at >= 32k, x the full cache's, at least
-# Two identical full caches of the wide model at 1024 tokens decoded side by side (32 steps, medians)
-# on this project's 2-core CPU while other jobs ran (load average 2-6): 0.3-0.9% apart in 9 of 10
-# pairs with 1 torch thread (one pair 22%), 0.6-6.3% apart with 2 threads. An idle machine does better.
+# Two identical full caches of the wide model at 1024 tokens decoded side by side (32 steps, ratio of
+# medians) on this project's 2-core CPU while other jobs ran (load average 2-6): 0.3-0.9% apart in 9
+# of 10 pairs with 1 torch thread (one pair 22%), 0.6-6.3% apart with 2 threads. The step target now
+# reads paired per-round ratios, which a burst shared by both cases of a round does not move.
 NOISE_ALLOWANCE_PCT = 3.0
 
 

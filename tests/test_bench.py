@@ -80,7 +80,7 @@ def test_prefill_section_keeps_each_cases_best_of_its_side_by_side_runs(monkeypa
     assert full["prefill_s"] == pytest.approx(0.3) and h2o["prefill_s"] == pytest.approx(0.6)
     assert full["prefill_x_full"] == 1.0 and h2o["prefill_x_full"] == pytest.approx(2.0)
     assert full["prefill_spread_pct"] == pytest.approx(900.0) and h2o["prefill_spread_pct"] == pytest.approx(400.0)
-    assert bench_cache.parse_args(["--quick"]).repeats == 1 and small_args().repeats == 2
+    assert bench_cache.parse_args(["--quick"]).repeats == 1 and small_args().repeats == bench_cache.DEFAULTS["repeats"]
     with pytest.raises(SystemExit):
         bench_cache.parse_args(["--repeats", "0"])
 
