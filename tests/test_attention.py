@@ -91,16 +91,19 @@ def test_strided_views_and_blocks_match_eager_attention(small_blocks, q_len, len
 
 @pytest.mark.parametrize("blocks", ["default", "small"])
 @pytest.mark.parametrize("class_heads", [1, 2])
-def test_keys_in_lag_runs_are_scored_by_their_runs_query(monkeypatch, class_heads, blocks):
-    """One decode query in 3 variants (one per lag run): each key is scored by its own run's
-    (small blocks: one (row, KV head) pair per pass, as at long contexts)."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_keys_in_lag_runs_are_scored_by_their_runs_query(monkeypatch, class_heads, blocks, masked):
+    """One decode query in 3 variants (one per lag run): each key is scored by its own run's.
+    Unmasked, the decode path runs; with a mask (a sliding window hiding the oldest keys of one
+    row) the block kernel does (small blocks: one (row, KV head) pair per pass, as at long contexts)."""
     if blocks == "small":
         tiny_blocks(monkeypatch)
     torch.manual_seed(7)
     variants, (key, value) = torch.randn(2, 4, 3, 8), views(2, 2, 30, 8)
     key_class = torch.randint(0, 3, (2, class_heads, 30))
-    output, scores = attention_with_scores(variants, key, value, None, 0.3, key_class=key_class)
-    probs, expected = eager(variants, key, value, None, 0.3, key_class=key_class)
+    visible = padded_mask(2, 1, 1, 30, pad=6) if masked else None
+    output, scores = attention_with_scores(variants, key, value, visible, 0.3, key_class=key_class)
+    probs, expected = eager(variants, key, value, visible, 0.3, key_class=key_class)
     assert output.shape == (2, 1, 4, 8)
     assert torch.allclose(output, expected, atol=1e-5)
     assert torch.allclose(scores, group_sum(probs, 2), atol=1e-5)
