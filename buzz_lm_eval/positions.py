@@ -53,17 +53,26 @@ class KeyRotation:
             self._table = torch.stack([angles.cos(), angles.sin()], dim=1)
         return self._table
 
+    def angles(self, delta: torch.Tensor, bound: int, back: bool = False) -> torch.Tensor:
+        """[.., 2, rotary_dim / 2] cos and sin of ``delta`` [..] positions (|delta| <= ``bound``), or
+        of ``-delta`` with ``back``: what ``turn_`` applies."""
+        table = self.tables(bound, delta.device)
+        middle = table.shape[0] // 2
+        rows = (middle - delta if back else delta + middle).reshape(-1)
+        return table.view(table.shape[0], -1).index_select(0, rows).view(*delta.shape, 2, self.rotary_dim // 2)
+
     def rotate_(self, keys: torch.Tensor, delta: torch.Tensor, bound: int, back: bool = False) -> torch.Tensor:
         """Rotate ``keys`` [.., K, D] in place by ``delta`` [.., K] positions (|delta| <= ``bound``),
-        or by ``-delta`` with ``back``.
+        or by ``-delta`` with ``back``. A delta of 0 leaves a key exactly as it was."""
+        return self.turn_(keys, self.angles(delta, bound, back))
 
-        RoPE's rotate-half layout: dimension j pairs with j + rotary_dim / 2; float32 math. A
-        delta of 0 leaves a key exactly as it was.
+    def turn_(self, keys: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``keys`` [.., D] in place by the angles ``cos_sin`` [.., 2, rotary_dim / 2] (from
+        ``angles``; broadcast over leading dimensions of ``keys``).
+
+        RoPE's rotate-half layout: dimension j pairs with j + rotary_dim / 2; float32 math.
         """
-        table = self.tables(bound, keys.device)
-        half, middle = self.rotary_dim // 2, table.shape[0] // 2
-        rows = (middle - delta if back else delta + middle).reshape(-1)
-        cos_sin = table.view(table.shape[0], -1).index_select(0, rows).view(*delta.shape, 2, half)
+        half = self.rotary_dim // 2
         cos, sin = cos_sin[..., 0, :], cos_sin[..., 1, :]
         first, second = keys[..., :half], keys[..., half : self.rotary_dim]
         x, y = (first, second) if keys.dtype == torch.float32 else (first.float(), second.float())
@@ -82,6 +91,14 @@ class KeyRotation:
         small subset (e.g. StreamingLLM's sinks) is rotated alone; on accelerators every key is
         rotated (a delta of 0 exactly), so the step has no host synchronisation.
         """
+        if keys.device.type == "cpu" and delta.shape[:2] == (1, 1):  # one row, its heads alike: index slots
+            slots = delta.view(-1).nonzero().squeeze(1)
+            if slots.shape[0] == 0:
+                return
+            if 2 * slots.shape[0] <= delta.shape[-1]:
+                cos_sin = self.angles(delta.view(-1).index_select(0, slots), bound)
+                keys.index_copy_(2, slots, self.turn_(keys.index_select(2, slots), cos_sin))
+                return
         delta = delta.expand(keys.shape[:3])
         if keys.device.type == "cpu":
             flat = delta.reshape(-1)

@@ -40,15 +40,23 @@ class ShiftedKeys:
         self.lag: torch.Tensor | None = None  # None: no key lags
         self.key_class: torch.Tensor | None = None  # None: every slot is in run 0
         self.drops = 0  # one-token drops since the runs were cut
+        self._angles: tuple[torch.Tensor, torch.Tensor] | None = None  # (lag, its back rotation)
 
     def on_append(self, new_keys: torch.Tensor, bound: int) -> None:
         """Put freshly stored keys [B, H, q, D] (a view into the store) into the last run, ``lag`` back."""
         if self.lag is None:
             return
-        self.rotation.rotate_(new_keys, self.lag[..., -1:].expand(new_keys.shape[:3]), bound, back=True)
+        self.rotation.turn_(new_keys, self.lag_angles(bound)[:, :, -1:])
         if self.key_class is not None:
             last = self.key_class.new_full((*self.key_class.shape[:2], new_keys.shape[2]), self.classes - 1)
             self.key_class = torch.cat([self.key_class, last], dim=-1)
+
+    def lag_angles(self, bound: int) -> torch.Tensor:
+        """[B, R, C, 2, rotary_dim / 2]: the rotation back by each run's lag, computed once per lag
+        (a decode step's new key and its queries share it)."""
+        if self._angles is None or self._angles[0] is not self.lag:
+            self._angles = (self.lag, self.rotation.angles(self.lag, bound, back=True))
+        return self._angles[1]
 
     def align_query(self, query: torch.Tensor, keys: torch.Tensor, classed: bool, bound: int):
         """The queries [B, H_q, q, D] as the stored keys expect them, and the slots' runs.
@@ -62,11 +70,14 @@ class ShiftedKeys:
         if self.lag is None:
             return query, None
         batch, heads, length, dim = query.shape
-        lag = self.lag.repeat_interleave(heads // self.lag.shape[1], dim=1) if self.lag.shape[1] > 1 else self.lag
+        rows = self.lag.shape[1]  # 1, or one lag per KV head: its query heads are consecutive
+        angles = self.lag_angles(bound).unsqueeze(2)  # [B, R, 1, C, 2, half]
         if self.key_class is None:
-            return self.rotation.rotate_(query.clone(), lag.expand(batch, heads, length), bound, back=True), None
-        variants = query.expand(batch, heads, self.classes, dim).clone()
-        return self.rotation.rotate_(variants, lag.expand(batch, heads, self.classes), bound, back=True), self.key_class
+            aligned = query.clone()
+        else:
+            aligned, length = query.expand(batch, heads, self.classes, dim).clone(), self.classes
+        self.rotation.turn_(aligned.view(batch, rows, heads // rows, length, dim), angles)
+        return aligned, self.key_class
 
     def before_drop(self, keys: torch.Tensor, order: torch.Tensor, bound: int) -> None:
         """Before a one-token drop (``keys`` not yet compacted, ``order`` [B, 1|H, L] the slots in
