@@ -158,7 +158,11 @@ def _decode(query, key, value, scaling, softcap, key_class):
     rows = query.reshape(batch, kv_heads, groups, variants, dim).transpose(2, 3).reshape(pairs, variants * groups, dim)
     alpha = scaling / (softcap or 1.0)
     logits = torch.baddbmm(rows.new_zeros(()), key.flatten(0, 1), rows.transpose(1, 2), beta=0, alpha=alpha)
-    if key_class is not None:  # [pairs, L, run x group]: each key takes its run's logits
+    if key_class is not None and variants == 2:  # [pairs, L, run x group]: each key takes its run's logits, [pairs, G, L]
+        later = (key_class == 1).expand(batch, kv_heads, length).reshape(pairs, 1, length)
+        runs = logits.view(pairs, length, 2, groups).permute(0, 3, 2, 1)
+        logits = torch.where(later, runs[:, :, 1], runs[:, :, 0]).transpose(1, 2)
+    elif key_class is not None:
         runs = key_class.expand(batch, kv_heads, length).reshape(pairs, length, 1, 1).expand(pairs, length, 1, groups)
         logits = logits.view(pairs, length, variants, groups).gather(2, runs)
     probs = logits.view(pairs, length, groups).transpose(1, 2).float().contiguous()  # [pairs, G, L]

@@ -111,7 +111,7 @@ def test_keys_in_lag_runs_are_scored_by_their_runs_query(monkeypatch, class_head
     assert not torch.allclose(output, first_only, atol=1e-3)  # the runs really change the result
 
 
-@pytest.mark.parametrize("runs", [None, 3])
+@pytest.mark.parametrize("runs", [None, 2, 3])  # 2 runs take a select, more a gather
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decode_step_takes_the_keys_first_path_and_matches_eager(monkeypatch, runs, softcap, dtype):

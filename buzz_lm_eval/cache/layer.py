@@ -333,7 +333,7 @@ class EvictingLayer(DynamicLayer):
         slot = order.gather(-1, dropped)  # [B, rows, 1]
         if self.shift is not None:
             self.shift.before_drop(self.keys, order, self.seen)
-        self.store.move_last_into(slot.expand(batch, heads, 1))
+        self.store.move_last_into(slot)
         self.keys, self.values = self.store.keys, self.store.values
         order = order.gather(-1, all_but(length, dropped))
         self.order = torch.where(order == width, slot, order)

@@ -77,12 +77,15 @@ class SlotStore:
         self.n = kept
 
     def move_last_into(self, slot: torch.Tensor) -> None:
-        """Drop one token per row and head: the last live slot moves into ``slot`` [B, H, 1] (the
+        """Drop one token per row and head: the last live slot moves into ``slot`` [B, 1|H, 1] (the
         last slot itself: nothing moves), then ``n - 1`` slots remain."""
         last = self.n - 1
         for buffer in (self._keys, self._values):
-            index = slot.unsqueeze(-1).expand(*slot.shape, buffer.shape[-1])
-            buffer.scatter_(2, index, buffer[:, :, last : last + 1])
+            if slot.shape[:2] == (1, 1):  # one row whose heads share the slot: copy along the slot axis
+                buffer.index_copy_(2, slot.view(1), buffer[:, :, last : last + 1])
+            else:
+                index = slot.unsqueeze(-1).expand(*buffer.shape[:2], 1, buffer.shape[-1])
+                buffer.scatter_(2, index, buffer[:, :, last : last + 1])
         self.n = last
 
     def select_batch(self, indices: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ that drop one token per decode step also name that token alone (``drop_size`` an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -281,8 +282,15 @@ def span(start: int, stop: int, device, step: int = 1) -> torch.Tensor:
 
 def all_but(length: int, dropped: torch.Tensor) -> torch.Tensor:
     """[.., length - 1] ascending indices of ``[0, length)`` without ``dropped`` [.., 1]."""
-    kept = torch.arange(length - 1, device=dropped.device)
+    kept = _arange(length - 1, dropped.device)
     return kept + (kept >= dropped)
+
+
+@functools.lru_cache(maxsize=16)
+def _arange(length: int, device: torch.device) -> torch.Tensor:
+    """``arange(length)``, made once per length and device (a decode step asks for the same one;
+    callers never write into it)."""
+    return torch.arange(length, device=device)
 
 
 def _indices_from_mask(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
