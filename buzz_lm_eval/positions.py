@@ -98,7 +98,9 @@ class KeyRotation:
             if 2 * slots.shape[0] <= delta.shape[-1]:
                 cos_sin = self.angles(delta.view(-1).index_select(0, slots), bound)
                 keys.index_copy_(2, slots, self.turn_(keys.index_select(2, slots), cos_sin))
-                return
+            else:  # most keys move: all of them, without counting again below
+                self.rotate_(keys, delta.expand(keys.shape[:3]), bound)
+            return
         delta = delta.expand(keys.shape[:3])
         if keys.device.type == "cpu":
             flat = delta.reshape(-1)

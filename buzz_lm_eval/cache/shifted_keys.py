@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..policies.base import cached_arange
 from ..positions import KeyRotation
 from .slots import last_into
 
@@ -38,7 +39,6 @@ class ShiftedKeys:
     def __init__(self, rotation: KeyRotation, classes: int = 1):
         self.rotation = rotation
         self.classes = classes  # 1: one lag per row and head, as for policies attending through sdpa
-        self._ids = None  # arange(classes), made once
         self.reset()
 
     def reset(self) -> None:
@@ -115,9 +115,8 @@ class ShiftedKeys:
         same = (runs == dropped).long()
         ahead = before * same
         shift = torch.sub(same, ahead, alpha=2).sum(-1, keepdim=True) < 0  # the keys ahead are the majority
-        if self._ids is None or self._ids.device != slot.device:
-            self._ids = torch.arange(self.classes, device=slot.device)
-        self.lag = self.lag + (self._ids < dropped + shift)  # runs before the dropped one's, and it when shift
+        runs_before = cached_arange(self.classes, slot.device) < dropped + shift  # and the dropped one's when shift
+        self.lag = self.lag + runs_before
         self.rotation.rotate_slots(keys, torch.where(shift, ahead - same, ahead), bound)
         self.key_class = runs
 

@@ -282,14 +282,14 @@ def span(start: int, stop: int, device, step: int = 1) -> torch.Tensor:
 
 def all_but(length: int, dropped: torch.Tensor) -> torch.Tensor:
     """[.., length - 1] ascending indices of ``[0, length)`` without ``dropped`` [.., 1]."""
-    kept = _arange(length - 1, dropped.device)
+    kept = cached_arange(length - 1, dropped.device)
     return kept + (kept >= dropped)
 
 
 @functools.lru_cache(maxsize=16)
-def _arange(length: int, device: torch.device) -> torch.Tensor:
-    """``arange(length)``, made once per length and device (a decode step asks for the same one;
-    callers never write into it)."""
+def cached_arange(length: int, device: torch.device) -> torch.Tensor:
+    """``arange(length)``, made once per length and device (every decode step asks for the same
+    one); shared, so callers never write into it."""
     return torch.arange(length, device=device)
 
 
