@@ -37,8 +37,10 @@ def test_a_per_step_eviction_writes_two_slots_not_the_cache():
     cache = build_cache(model, "h2o", budget=32, positions="original")
     with torch.no_grad():
         model(input_ids=ids[:, :40], past_key_values=cache)
+        model(input_ids=ids[:, 40:41], past_key_values=cache)  # the first grouped drop moves the layers into one buffer
+        assert cache.layers[0].group.drops == 1
         store = cache.layers[0].store
-        for token in ids[0, 40:].split(1):
+        for token in ids[0, 41:].split(1):
             before, pointer = store.keys.clone(), store.keys.data_ptr()
             model(input_ids=token.view(1, 1), past_key_values=cache)
             assert store.keys.data_ptr() == pointer and store.keys.shape == before.shape  # no new buffer

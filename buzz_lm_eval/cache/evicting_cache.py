@@ -10,6 +10,7 @@ from ..policies import Policy, build_policy
 from ..positions import KeyRotation, check_positions, key_rotations
 from ..regime import Schedule, check_regime
 from .layer import ONE_CACHE, EvictingLayer
+from .layer_group import group_of
 
 
 class EvictingCache(Cache):
@@ -31,6 +32,7 @@ class EvictingCache(Cache):
         rotations: list[KeyRotation] | None = None,
         evict: str = "every_forward",
         prompt_length: int | None = None,
+        batch_layers: bool = True,
     ):
         n = len(sliding_windows)
         rotations = rotations or [None] * n
@@ -39,6 +41,9 @@ class EvictingCache(Cache):
             for i, (window, rotation) in enumerate(zip(sliding_windows, rotations))
         ])
         self.policy, self.evict = policy, evict
+        group = group_of(self.layers) if batch_layers else None
+        for layer in self.layers:
+            layer.group = group
         self.positions = None if not policy.evicts else "original" if rotations[0] is None else "shifted"
 
     @property
@@ -85,6 +90,7 @@ def build_cache(
     evict: str | None = None,
     prompt_length: int | None = None,
     sync_timing: bool = False,
+    batch_layers: bool = True,
     **policy_args,
 ) -> EvictingCache:
     """A fresh evicting cache for one batch of requests to ``model`` (prepared once for score capture).
@@ -96,6 +102,9 @@ def build_cache(
     tokens (default: after the first forward), then grows (see ``regime.py``).
     ``sync_timing`` makes ``evict_seconds`` exact on CUDA by synchronising around each eviction
     (benchmarks); otherwise it is host time, which on a GPU undercounts queued kernels.
+    ``batch_layers``: decode steps that drop one token per layer drop for every layer at once after
+    the last layer's attention (``layer_group.py``; the same kept tokens, keys and logits);
+    False evicts layer by layer.
     """
     windows = layer_windows(model.config.get_text_config(decoder=True))
     positions = check_positions(positions)
@@ -109,4 +118,4 @@ def build_cache(
         rotations = key_rotations(model, len(windows))
     if policy.evicts:
         prepare_model(model)  # `full` keeps the model's own attention: bit-exact by construction
-    return EvictingCache(policy, windows, sync_timing, rotations, evict, prompt_length)
+    return EvictingCache(policy, windows, sync_timing, rotations, evict, prompt_length, batch_layers)

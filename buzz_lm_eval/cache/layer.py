@@ -86,6 +86,7 @@ class EvictingLayer(DynamicLayer):
         self.order: torch.Tensor | None = None  # [B, 1|H, L] slots in original token order
         self.key_norms: torch.Tensor | None = None  # [B, H, L] per slot, for the key_norm signal (knorm)
         self.stats = LayerStats()
+        self.group = None  # a LayerGroup batching this layer's decode drops with its cache's others
 
     # -- the Cache layer contract ---------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -101,6 +102,8 @@ class EvictingLayer(DynamicLayer):
                 f"EvictingCache: this cache holds {self.keys.shape[0]} sequence(s) but the forward brings "
                 f"{key_states.shape[0]}: {ONE_CACHE}"
             )
+        if self.group is not None:
+            self.group.settle(self)  # a forward that ended before its last layer left this drop deferred
         before, new = self.stored(), key_states.shape[-2]
         keys, values = self._append(key_states, value_states) if self.policy.evicts else super().update(key_states, value_states)
         self.positions = torch.cat([self.positions, self._span(self.seen, new, self.positions)], dim=-1)
@@ -160,6 +163,8 @@ class EvictingLayer(DynamicLayer):
         self.store = self.order = None
         if self.shift is not None:
             self.shift.reset()
+        if self.group is not None:
+            self.group.release()
         self.evicted = self.padded = False
         self.stats = LayerStats()
         self.schedule.reset()
@@ -200,6 +205,10 @@ class EvictingLayer(DynamicLayer):
             slots = order.unsqueeze(-1).expand(batch, heads, length, dim)
             keys, values, positions = keys.gather(2, slots), values.gather(2, slots), positions.gather(-1, order)
         return keys, values, positions
+
+    def ordered(self, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-slot ``scores`` [B, H_kv, L] in the tokens' original order (None stays None)."""
+        return None if scores is None else self.in_order(scores)
 
     def in_order(self, per_slot: torch.Tensor) -> torch.Tensor:
         """A per-slot [B, 1|H, L] tensor rearranged into the tokens' original order."""
@@ -256,10 +265,15 @@ class EvictingLayer(DynamicLayer):
             new = self.positions[..., -query_valid.shape[-1] :]
             new.masked_fill_(~query_valid.unsqueeze(1), -1)
             self.padded = True
-        scores = None if scores is None else self.in_order(scores)
         if self.phase != "evict":
-            self.defer(scores)
+            self.defer(self.ordered(scores))
             return
+        if self.group is None or not self.group.defer(self, scores):
+            self.evict_now(self.ordered(scores))
+
+    def evict_now(self, scores: torch.Tensor | None) -> None:
+        """This forward's eviction (``scores`` in original order): one dropped token, or the
+        policy's kept list, repeated until the budget holds."""
         dropped = self.step_one(scores)
         if dropped is not None:  # the decode step's one token leaves
             self.drop_one(dropped)

@@ -23,6 +23,13 @@ class SlotStore:
         self._keys, self._values = keys[:, :, :0], values[:, :, :0]
         self.append(keys, values)
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, n: int, limit: int | None) -> "SlotStore":
+        """A store over existing ``[B, H, capacity, D]`` buffers whose first ``n`` slots are live."""
+        store = cls.__new__(cls)
+        store._keys, store._values, store.n, store.limit = keys, values, n, limit
+        return store
+
     @property
     def capacity(self) -> int:
         return self._keys.shape[2]
@@ -36,8 +43,9 @@ class SlotStore:
         return self._values[:, :, : self.n]
 
     def nbytes(self) -> int:
-        """Bytes the buffers occupy (live slots and spare capacity)."""
-        return self._keys.untyped_storage().nbytes() + self._values.untyped_storage().nbytes()
+        """Bytes the buffers occupy (live slots and spare capacity; this store's share of a buffer
+        that several layers' stores view, see ``layer_group.py``)."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in (self._keys, self._values))
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``[B, H, q, D]`` new tokens after the live slots."""
