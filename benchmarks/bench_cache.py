@@ -105,7 +105,8 @@ COLUMNS = [  # (header, key, format)
     ("compression", "compression_ratio", "{:.1f}x"), ("prefill x full", "prefill_x_full", "{:.2f}"),
     ("decode speed x full", "decode_x_full", "{:.2f}"), ("full@N step ms p50", "ref_step_ms_median", "{:.2f}"),
     ("step x full@N", "step_x_ref", "{:.3f}"), ("runs (best kept)", "repeats", "{}"),
-    ("slowest run %", "prefill_spread_pct", "+{:.0f}"),
+    ("slowest run %", "prefill_spread_pct", "+{:.0f}"), ("drops", "drops", "{}"),
+    ("evict x layer by layer", "evict_x_alone", "{:.2f}"), ("step x layer by layer", "step_x_alone", "{:.3f}"),
     ("GPU MiB peak", "gpu_peak_bytes", "{}"),
 ]
 MIB = ("kv_bytes_peak", "kv_resident_peak", "kv_bound", "gpu_peak_bytes")
@@ -144,6 +145,21 @@ def decode_section(model, name: str, length: int, budget: int, args) -> dict:
             row["step_x_ref"] = paired_ratio(row, ref)
             rows.append(row)
     return {"reference": [first, second], "rows": rows, "noise_pct": 100 * abs(paired_ratio(first, second) - 1)}
+
+
+def grouping_section(model, name: str, length: int, budget: int, args) -> list[dict]:
+    """Each policy that drops one token per decode step, its drops batched across layers (the
+    default) and layer by layer (``build_cache(batch_layers=False)``), side by side at ``length``."""
+    rows = []
+    for policy in targets.GROUPED_POLICIES:
+        specs = [Spec(name, policy, budget, length, "every_forward", batch_layers=False),
+                 Spec(name, policy, budget, length, "every_forward")]
+        alone, grouped = run_cases(model, specs, args.steps, args)
+        alone["drops"], grouped["drops"] = "layer by layer", "grouped"
+        grouped["evict_x_alone"] = grouped["evict_ms"] / alone["evict_ms"]
+        grouped["step_x_alone"] = paired_ratio(grouped, alone)
+        rows += [alone, grouped]
+    return rows
 
 
 def paired_ratio(row: dict, ref: dict) -> float:
@@ -196,6 +212,11 @@ def main(argv=None) -> None:
     print(f"## Prefill, decode and KV memory of every policy ({name}, evict: {args.evict})\n")
     print(markdown(rows) + "\n", flush=True)
 
+    grouping = grouping_section(model, name, args.decode_context, budget, args)
+    print(f"## Decode drops grouped across layers vs layer by layer ({name}, every_forward, budget {budget}, "
+          f"{args.decode_context} tokens, side by side)\n")
+    print(markdown(grouping) + "\n", flush=True)
+
     prefills = prefill_section(model, name, budget, args)
     print(f"## Prefill over the whole prompt: score policies under after_prefill at budget {budget} ({name}, "
           f"side by side with the full cache, best of {args.repeats} runs)\n")
@@ -223,14 +244,16 @@ def main(argv=None) -> None:
     lines = (targets.selection_lines(selection) + targets.amortised_lines(share_rows)
              + targets.budget_lines(rows + section["rows"] + share_rows) + targets.prefill_lines(rows + prefills)
              + targets.evict_share_lines(section, share_rows) + targets.step_lines(section)
-             + targets.memory_lines({"main table": rows, "decode section": section["rows"], "amortised": share_rows})
+             + targets.grouping_lines(grouping)
+             + targets.memory_lines({"main table": rows, "decode section": section["rows"], "amortised": share_rows,
+                                     "grouping": grouping})
              + targets.gpu_lines(rows, syncs, args.device))
     print("\n".join(lines))
     wall = time.perf_counter() - began
     print(f"\nwall time {wall:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
         payload = {"machine": machine_header(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-                   "selection": selection, "cases": rows, "prefill": prefills, "decode": section, "amortised": share_rows,
+                   "selection": selection, "cases": rows, "grouping": grouping, "prefill": prefills, "decode": section, "amortised": share_rows,
                    "host_syncs": syncs, "targets": lines, "wall_s": wall}
         write_atomic(args.json, json.dumps(payload, indent=2))
 

@@ -165,6 +165,7 @@ class Spec:
     budget: int | None
     length: int
     evict: str | None = None
+    batch_layers: bool = True  # build_cache's: one-token drops of all layers as one batch
 
 
 class Case:
@@ -174,7 +175,8 @@ class Case:
         self.spec, self.args = spec, args
         self.regime = regime_of(spec.policy, spec.budget, spec.evict or args.evict)
         sizes = {} if spec.budget is None else {"budget": spec.budget, "evict": self.regime, "prompt_length": spec.length}
-        self.cache = build_cache(model, spec.policy, sync_timing=args.device == "cuda", **sizes)  # exact on GPU
+        self.cache = build_cache(model, spec.policy, sync_timing=args.device == "cuda",  # exact on GPU
+                                 batch_layers=spec.batch_layers, **sizes)
         self.probe = Probe(self.cache)
         generator = torch.Generator().manual_seed(spec.length)
         self.ids = torch.randint(0, model.config.vocab_size, (1, spec.length), generator=generator).to(args.device)
@@ -203,7 +205,7 @@ class Case:
         resident = max(self.probe.resident)
         return {
             "model": spec.model, "policy": spec.policy, "evict": self.regime, "budget": spec.budget,
-            "length": spec.length, "steps": steps, "prefill_s": self.prefill_s, "step_ms": step_ms,
+            "length": spec.length, "batch_layers": spec.batch_layers, "steps": steps, "prefill_s": self.prefill_s, "step_ms": step_ms,
             "step_ms_median": median_ms, "step_ms_all": [1000 * t for t in self.times], "evict_ms": evict_ms, "evict_share_pct": 100 * evict_ms / step_ms,
             "evictions": self.fired, "peak_tokens_prefill": self.prefill_peak, "peak_tokens_decode": decode_peak,
             "within_budget": decode_peak <= spec.budget if self.regime == "every_forward" else None,

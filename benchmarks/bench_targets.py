@@ -4,6 +4,7 @@ from __future__ import annotations
 
 SCORE_POLICIES = ("h2o", "buzz", "buzz_fast", "snapkv", "pyramidkv", "tova")
 DECODE_POLICIES = ("buzz", "h2o", "tova", "streaming", "local", "snapkv")
+GROUPED_POLICIES = ("h2o", "tova", "streaming", "local", "snapkv")  # one-token drops per decode step
 REGIMES = ("every_forward", "after_prefill")
 TARGET_SPEEDUP = 100.0  # BUZZ selection vs the per-segment loop, at least
 TARGET_SHARE = 3.0  # amortised buzz eviction, % of a decode step, at most
@@ -97,6 +98,13 @@ def step_lines(section: dict) -> list[str]:
                      f"{first['length']} tokens (median of {row['steps']} paired steps): {row['step_x_ref']:.3f}x "
                      f"(medians {row['step_ms_median']:.2f} vs {row['ref_step_ms_median']:.2f} ms)")
     return lines
+
+
+def grouping_lines(rows: list[dict]) -> list[str]:
+    """What batching the one-token drops across layers buys (informational: no target names it)."""
+    return [f"- info: {case(row)}: drops grouped across layers: eviction {row['evict_x_alone']:.2f}x and decode step "
+            f"{row['step_x_alone']:.3f}x layer by layer's (median of {row['steps']} paired steps)"
+            for row in rows if "evict_x_alone" in row]
 
 
 def memory_lines(tables: dict[str, list[dict]]) -> list[str]:

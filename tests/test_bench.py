@@ -66,6 +66,21 @@ def test_side_by_side_cases_stay_within_budget_and_bound():
     assert full["prefill_x_full"] == 1.0 and h2o["decode_x_full"] > 0
 
 
+def test_grouping_section_compares_grouped_drops_with_layer_by_layer():
+    """Each one-token-drop policy runs twice side by side, its drops grouped and layer by layer; the
+    rows record which, and the ratios and info lines read the grouped row against the other."""
+    model = tiny_model("llama")
+    rows = bench_cache.grouping_section(model, "tiny", 48, 16, small_args())
+    assert [(r["policy"], r["drops"], r["batch_layers"]) for r in rows[:2]] == [
+        ("h2o", "layer by layer", False), ("h2o", "grouped", True)]
+    assert len(rows) == 2 * len(targets.GROUPED_POLICIES) and all(r["evictions"] == 3 for r in rows)
+    for alone, grouped in zip(rows[::2], rows[1::2], strict=True):
+        assert grouped["evict_x_alone"] == pytest.approx(grouped["evict_ms"] / alone["evict_ms"])
+        assert grouped["step_x_alone"] == bench_cache.paired_ratio(grouped, alone)
+    lines = targets.grouping_lines(rows)
+    assert len(lines) == len(targets.GROUPED_POLICIES) and lines[0].startswith("- info: tiny h2o every_forward budget 16")
+
+
 def test_prefill_section_keeps_each_cases_best_of_its_side_by_side_runs(monkeypatch):
     model = tiny_model("llama")
     args = small_args("--repeats", "3")
