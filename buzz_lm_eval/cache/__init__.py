@@ -11,7 +11,9 @@ must, never the whole cache, and ``layer.kept()`` gives the kept tokens in their
 sequence length, so new positions continue correctly, and once it has evicted it builds the
 attention visibility from the stored positions itself. With ``positions="shifted"`` (default)
 kept keys are re-rotated after each eviction as if the kept tokens were contiguous (see
-``positions.py``); with ``"original"`` they keep their original rotation.
+``positions.py``); with ``"original"`` they keep their original rotation. Decode steps that drop
+one token in every layer drop for all layers at once after the last layer's attention
+(``layer_group.py``).
 
 With a ``budget``, an eviction repeats its policy's rounds inside the forward until the layer
 holds at most ``budget - 1`` tokens (BUZZ thins its samples again), so the budget is a
