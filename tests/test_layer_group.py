@@ -96,8 +96,9 @@ def test_a_deferred_drop_runs_before_its_layer_stores_again():
     _, cache = decode("tova", True, length=30)
     layer, group = cache.layers[0], cache.layers[0].group
     stored = layer.stored()
-    layer.update(*(torch.randn(1, layer.keys.shape[1], 1, layer.keys.shape[-1]) for _ in range(2)))
-    scores = torch.softmax(torch.randn(1, layer.keys.shape[1], layer.stored()), dim=-1)
+    device = layer.keys.device
+    layer.update(*(torch.randn(1, layer.keys.shape[1], 1, layer.keys.shape[-1], device=device) for _ in range(2)))
+    scores = torch.softmax(torch.randn(1, layer.keys.shape[1], layer.stored(), device=device), dim=-1)
     assert group.defer(layer, scores) and group.waiting  # deferred: layer 1 has not attended
     assert layer.stored() == stored + 1
     group.settle(cache.layers[1])  # not layer 1's drop: nothing runs

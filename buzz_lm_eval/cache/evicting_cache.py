@@ -14,7 +14,8 @@ from .layer_group import group_of
 
 
 class EvictingCache(Cache):
-    """A Cache of ``EvictingLayer``s, one per decoder layer, each running ``policy.for_layer(i, n)``.
+    """A Cache of ``EvictingLayer``s, one per decoder layer, each running ``policy.for_layer(i, n)``;
+    layers that share one policy object drop their decode tokens as one batch (``layer_group.py``).
 
     One cache serves one ``generate`` call (or one stream of plain forwards); ``reset()`` makes it
     new again. Handing a used cache to another ``generate`` is refused (transformers >= 5.17

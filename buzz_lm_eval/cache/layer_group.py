@@ -64,8 +64,8 @@ class LayerGroup:
     def _run(self) -> None:
         layers = [layer for layer, _ in self.waiting]
         scores = [score for _, score in self.waiting]
-        first = layers[0]
-        if any(signature(layer) != signature(first) for layer in layers[1:]):
+        expected = signature(layers[0])
+        if any(signature(layer) != expected for layer in layers[1:]):
             self.flush()
             return
         self._share_buffers(layers)
