@@ -36,6 +36,7 @@ DEFAULTS = {"lengths": [1024, 4096, 16384], "budgets": [256, 1024], "steps": 64,
 QUICK = {"lengths": [1024, 4096], "budgets": [256], "steps": 8, "decode_context": 1024, "repeats": 1}
 CUDA = {"lengths": [4096, 16384, 32768], "budgets": [512, 1024, 2048], "steps": 32, "decode_context": 4096, "repeats": 2}
 TARGET_BUDGET = 1024  # the decode section's budget when the run has it
+DEEP = "deep"  # with the tiny main model, the grouped-drops section also runs this 16-layer shape
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -212,9 +213,10 @@ def main(argv=None) -> None:
     print(f"## Prefill, decode and KV memory of every policy ({name}, evict: {args.evict})\n")
     print(markdown(rows) + "\n", flush=True)
 
-    grouping = grouping_section(model, name, args.decode_context, budget, args)
-    print(f"## Decode drops grouped across layers vs layer by layer ({name}, every_forward, budget {budget}, "
-          f"{args.decode_context} tokens, side by side)\n")
+    grouping_models = [(name, model)] + ([(DEEP, load_model(DEEP, args))] if main_shape == "tiny" else [])
+    grouping = [row for n, m in grouping_models for row in grouping_section(m, n, args.decode_context, budget, args)]
+    print(f"## Decode drops grouped across layers vs layer by layer ({', '.join(n for n, _ in grouping_models)}, "
+          f"every_forward, budget {budget}, {args.decode_context} tokens, side by side)\n")
     print(markdown(grouping) + "\n", flush=True)
 
     prefills = prefill_section(model, name, budget, args)
