@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -88,6 +91,20 @@ def test_padded_batches_beam_search_and_reset_fall_back_or_regroup(policy):
     cache.reset()
     assert cache.layers[0].group._buffers is None
     assert torch.equal(greedy(model, ids, cache, new=10), first) and cache.layers[0].group.drops == 2 * drops
+
+
+@pytest.mark.parametrize("batch_layers", [True, False])
+def test_a_cache_no_longer_used_is_freed_at_once(batch_layers):
+    """No reference cycle between the layers and their group: dropping the last reference to a
+    cache frees its layers and buffers without waiting for the cycle collector."""
+    _, cache = decode("h2o", batch_layers, length=30)
+    layer, keys = weakref.ref(cache.layers[0]), weakref.ref(cache.layers[0].store._keys)
+    gc.disable()
+    try:
+        del cache
+        assert layer() is None and keys() is None
+    finally:
+        gc.enable()
 
 
 def test_a_deferred_drop_runs_before_its_layer_stores_again():

@@ -43,8 +43,8 @@ class EvictingCache(Cache):
         ])
         self.policy, self.evict = policy, evict
         group = group_of(self.layers) if batch_layers else None
-        for layer in self.layers:
-            layer.group = group
+        for i, layer in enumerate(self.layers):
+            layer.group, layer.group_index = group, i
         self.positions = None if not policy.evicts else "original" if rotations[0] is None else "shifted"
 
     @property

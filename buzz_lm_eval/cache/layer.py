@@ -87,6 +87,7 @@ class EvictingLayer(DynamicLayer):
         self.key_norms: torch.Tensor | None = None  # [B, H, L] per slot, for the key_norm signal (knorm)
         self.stats = LayerStats()
         self.group = None  # a LayerGroup batching this layer's decode drops with its cache's others
+        self.group_index = 0  # this layer's turn in the group
 
     # -- the Cache layer contract ---------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:

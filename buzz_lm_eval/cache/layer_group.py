@@ -24,10 +24,15 @@ from .slots import SlotStore
 
 
 class LayerGroup:
-    """The decode drops of ``layers`` (every layer of a cache, sharing one policy object), batched."""
+    """The decode drops of a cache's ``count`` layers (sharing one policy object), batched.
 
-    def __init__(self, layers: list):
-        self.layers = layers
+    The group holds its layers only while their drops wait within one step (each layer knows its
+    ``group_index``), so a cache nobody uses any more is freed at once, not left to the cycle
+    collector with its buffers.
+    """
+
+    def __init__(self, count: int):
+        self.count = count
         self.waiting: list[tuple[object, torch.Tensor | None]] = []  # (layer, per-slot scores) this step
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # [layers, B, H, capacity, D]
         self._slices: list[tuple[torch.Tensor, torch.Tensor]] = []  # the buffers each layer's store views
@@ -37,11 +42,11 @@ class LayerGroup:
     def defer(self, layer, scores: torch.Tensor | None) -> bool:
         """Take ``layer``'s drop of this decode step (``scores`` per slot) for the batch; False (the
         layer evicts alone) when it is no one-token drop or comes out of turn."""
-        if not droppable(layer) or self.layers[len(self.waiting)] is not layer:
+        if not droppable(layer) or layer.group_index != len(self.waiting):
             self.flush()
             return False
         self.waiting.append((layer, scores))
-        if len(self.waiting) == len(self.layers):
+        if len(self.waiting) == self.count:
             self._run()
         return True
 
@@ -138,7 +143,7 @@ def group_of(layers: list) -> LayerGroup | None:
         inv_freq = first.shift.rotation.inv_freq
         if any(not torch.equal(layer.shift.rotation.inv_freq, inv_freq) for layer in layers):
             return None
-    return LayerGroup(layers)
+    return LayerGroup(len(layers))
 
 
 def droppable(layer) -> bool:
