@@ -312,9 +312,14 @@ class EvictingLayer(DynamicLayer):
         """The policy's one-token step (``Policy.step_one``, which declines every other step) when
         nothing is padding: the dropped index [B|1, 1|H, 1] in original order, or None (then
         ``run_policy`` decides)."""
-        if self.padded or self.state.ragged:
+        if not self.drops_one():
             return None
         return self.policy.step_one(self.state, self.signal(scores), self.keys.shape[:3], self.keys.device)
+
+    def drops_one(self) -> bool:
+        """Whether this step's eviction drops one token (``step_one`` acts): nothing is padding and
+        the policy drops exactly one of the stored tokens."""
+        return not (self.padded or self.state.ragged) and self.policy.drops_one(self.state, self.stored())
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the tokens ``keep`` names; the common decode case (one token leaves, no padding) is cheaper."""

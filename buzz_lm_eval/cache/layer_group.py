@@ -42,7 +42,7 @@ class LayerGroup:
     def defer(self, layer, scores: torch.Tensor | None) -> bool:
         """Take ``layer``'s drop of this decode step (``scores`` per slot) for the batch; False (the
         layer evicts alone) when it is no one-token drop or comes out of turn."""
-        if not droppable(layer) or layer.group_index != len(self.waiting):
+        if not layer.drops_one() or layer.group_index != len(self.waiting):
             self.flush()
             return False
         self.waiting.append((layer, scores))
@@ -146,12 +146,6 @@ def group_of(layers: list) -> LayerGroup | None:
     return LayerGroup(len(layers))
 
 
-def droppable(layer) -> bool:
-    """Whether ``layer``'s eviction this step is a one-token drop (``EvictingLayer.step_one`` acts)."""
-    state = layer.state
-    return not (layer.padded or state.ragged or state.n_old is not None) and layer.policy.drop_size() == layer.stored() - 1
-
-
 def signature(layer) -> tuple:
     """What must agree between layers for one stacked drop: shapes and counters."""
     shift, state = layer.shift, layer.state
@@ -174,7 +168,8 @@ def unstack(batched, layers: list) -> None:
     kept = batched.store.n
     for i, layer in enumerate(layers):
         layer.positions, layer.order, layer.key_norms, layer.state.scores = positions[i], order[i], norms[i], scores[i]
-        layer.state.forwards, layer.state.n_real, layer.state.ragged = batched.state.forwards, None, False
+        state = batched.state
+        layer.state.forwards, layer.state.n_real, layer.state.ragged = state.forwards, state.n_real, state.ragged
         if shift is not None:
             layer.shift.lag, layer.shift.key_class, layer.shift.drops = lags[i], classes[i], shift.drops
         layer.store.n = kept

@@ -203,7 +203,7 @@ class Policy:
         from ``shape = (B, H_kv, L)`` (no ``drop_size``, another length, or earlier samples).
         """
         batch, heads, length = shape
-        if self.drop_size() != length - 1 or state.n_old is not None:
+        if not self.drops_one(state, length):
             return None
         state.forwards += 1
         current = self._current(attn)
@@ -214,6 +214,10 @@ class Policy:
         if state.scores is not None:
             state.scores = state.scores.gather(-1, all_but(length, dropped).expand(batch, heads, -1))
         return dropped
+
+    def drops_one(self, state: PolicyState, length: int) -> bool:
+        """Whether ``step_one`` acts on ``length`` tokens: this policy then drops exactly one."""
+        return self.drop_size() == length - 1 and state.n_old is None
 
     # -- hooks for subclasses (the same rule, twice) -----------------------------------------
     def select(
