@@ -277,3 +277,23 @@ def test_fewer_keys_than_queries_is_refused():
     query, key = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match="5 keys for 6 queries"):
         attention_with_scores(query, key, key, None, 0.3)
+
+
+@pytest.mark.parametrize("limit", [None, 64])  # 64 elements: every block larger, allocated per block
+def test_logits_workspace_is_reused_and_never_aliases_results(monkeypatch, limit):
+    """On CPU the blocks' logits live in one per-thread workspace, reused from call to call; what a
+    call returns must not alias it, so a later call leaves earlier results as they were."""
+    if limit is not None:
+        monkeypatch.setattr(score_attention, "WORKSPACE_ELEMENTS_CPU", limit)
+    torch.manual_seed(8)
+    first_inputs, second_inputs = [(hf_query(1, 4, 12, 8), *views(1, 2, 20, 8)) for _ in range(2)]
+    first = attention_with_scores(*first_inputs, None, 0.3)
+    kept = [t.clone() for t in first]
+    buffer = getattr(score_attention._workspace, "buffer", None)
+    second = attention_with_scores(*second_inputs, None, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(first, kept, strict=True))
+    for inputs, (output, scores) in ((first_inputs, first), (second_inputs, second)):
+        probs, expected = eager(*inputs, None, 0.3)
+        assert torch.allclose(output, expected, atol=1e-5) and torch.allclose(scores, group_sum(probs, 2), atol=1e-5)
+    if limit is None:
+        assert score_attention._workspace.buffer is buffer is not None  # reused, not grown
