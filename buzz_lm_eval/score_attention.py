@@ -11,6 +11,8 @@ import threading
 
 import torch
 
+from .policies.base import cached_arange
+
 SCORE_BLOCK_ELEMENTS = 1 << 24  # logits elements of one query block off the CPU (memory bound)
 SCORE_BLOCK_ELEMENTS_CPU = 1 << 21  # on CPU: a pass's logits (8 MiB) stay in the last-level cache; on
 # the benchmark's 2-core CPU (1 MiB L2 per core, 32 MiB L3) 8 MiB beat 2 MiB side by side: at 4k, four
@@ -165,13 +167,10 @@ def _decode(query, key, value, scaling, softcap, key_class):
     rows = query.reshape(batch, kv_heads, groups, variants, dim).transpose(2, 3).reshape(pairs, variants * groups, dim)
     alpha = scaling / (softcap or 1.0)
     logits = torch.baddbmm(rows.new_zeros(()), key.flatten(0, 1), rows.transpose(1, 2), beta=0, alpha=alpha)
-    if key_class is not None and variants == 2:  # [pairs, L, run x group]: each key takes its run's logits, [pairs, G, L]
-        later = (key_class == 1).expand(batch, kv_heads, length).reshape(pairs, 1, length)
-        runs = logits.view(pairs, length, 2, groups).permute(0, 3, 2, 1)
-        logits = torch.where(later, runs[:, :, 1], runs[:, :, 0]).transpose(1, 2)
-    elif key_class is not None:
-        runs = key_class.expand(batch, kv_heads, length).reshape(pairs, length, 1, 1).expand(pairs, length, 1, groups)
-        logits = logits.view(pairs, length, variants, groups).gather(2, runs)
+    if key_class is not None:  # [pairs, L, run x group]: each key takes its run's G logits, one contiguous row
+        first = cached_arange(pairs * length, query.device).view(batch, kv_heads, length)  # each key's run-0 row
+        pick = torch.add(key_class, first, alpha=variants)  # alpha scales ``first``: row = key x runs + run
+        logits = logits.view(-1, groups).index_select(0, pick.view(-1))
     probs = logits.view(pairs, length, groups).transpose(1, 2).float().contiguous()  # [pairs, G, L]
     if softcap is not None:
         probs.tanh_().mul_(softcap)
