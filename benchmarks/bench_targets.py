@@ -71,16 +71,23 @@ def evict_share_lines(section: dict, share_rows: list[dict]) -> list[str]:
     lines = []
     amortised = {(r["model"], r["length"], r["budget"]): r for r in share_rows}
     for row in section["rows"]:
-        judged, note = row, f"{row['steps']} steps"
+        share, note = row.get("evict_share_median", row["evict_share_pct"]), f"{row['steps']} steps"
+        detail = f"{row['evict_ms']:.3f} of {row['step_ms']:.2f} ms"
+        if "evict_share_runs" in row:
+            note += f"; median of {len(row['evict_share_runs'])} runs: {_listed(row['evict_share_runs'], '{:.2f}%')}"
+            detail = f"the step-ratio median run: {detail}"
         cycle = amortised.get((row["model"], row["length"], row["budget"]))
         if row["policy"] == "buzz" and row["evict"] == "every_forward" and cycle is not None:
-            judged = cycle
+            share, detail = cycle["evict_share_pct"], f"{cycle['evict_ms']:.3f} of {cycle['step_ms']:.2f} ms"
             note = (f"amortised over a full eviction cycle of {cycle['steps']} steps ({cycle['evictions']} fired; "
                     f"{row['steps']} steps alone: {row['evict_share_pct']:.1f}%)")
-        lines.append(f"- {verdict(judged['evict_share_pct'] <= TARGET_EVICT_SHARE)} {case(row)}: eviction <= "
-                     f"{TARGET_EVICT_SHARE}% of the decode step: {judged['evict_share_pct']:.2f}% "
-                     f"({judged['evict_ms']:.3f} of {judged['step_ms']:.2f} ms, means; {note})")
+        lines.append(f"- {verdict(share <= TARGET_EVICT_SHARE)} {case(row)}: eviction <= "
+                     f"{TARGET_EVICT_SHARE}% of the decode step: {share:.2f}% ({detail}, means; {note})")
     return lines
+
+
+def _listed(values: list[float], fmt: str) -> str:
+    return ", ".join(fmt.format(value) for value in values)
 
 
 def step_lines(section: dict) -> list[str]:
@@ -94,8 +101,10 @@ def step_lines(section: dict) -> list[str]:
         lines.append("  - **warning: the identical runs differ by more than the allowance: the machine was busy; "
                      "rerun on an idle machine before trusting the step targets**")
     for row in section["rows"]:
+        runs = row.get("step_x_ref_runs", [row["step_x_ref"]])
+        spread = f"; the median of {len(runs)} runs: {_listed(runs, '{:.3f}x')}" if len(runs) > 1 else ""
         lines.append(f"- {verdict(row['step_x_ref'] <= limit)} {case(row)}: decode step <= a full cache's holding "
-                     f"{first['length']} tokens (median of {row['steps']} paired steps): {row['step_x_ref']:.3f}x "
+                     f"{first['length']} tokens (median of {row['steps']} paired steps{spread}): {row['step_x_ref']:.3f}x "
                      f"(medians {row['step_ms_median']:.2f} vs {row['ref_step_ms_median']:.2f} ms)")
     return lines
 

@@ -100,6 +100,43 @@ def test_prefill_section_keeps_each_cases_best_of_its_side_by_side_runs(monkeypa
         bench_cache.parse_args(["--repeats", "0"])
 
 
+def test_decode_pairs_repeat_and_the_targets_read_their_medians(monkeypatch):
+    """Each decode-section pair runs ``--repeats`` times with fresh caches; the row is the run with the
+    median paired step ratio (the upper one of an even count), the eviction target reads the median share."""
+    ratios, shares = iter([1.05, 0.99, 1.01, 1.2, 1.0]), iter([5.2, 4.0, 4.5, 3.0, 6.0])
+
+    def scripted(model, specs, steps, args):
+        ratio, share = next(ratios), next(shares)
+        return [row(specs[0].policy, step_ms_all=[20.0 * ratio], step_ms_median=20.0 * ratio, evict_share_pct=share),
+                row("full", None, step_ms_all=[20.0], step_ms_median=20.0)]
+
+    monkeypatch.setattr(bench_cache, "run_cases", scripted)
+    spec, reference = bench_run.Spec("wide", "tova", 1024, 4096, "every_forward"), bench_run.Spec("wide", "full", None, 1024)
+    three = bench_cache.repeated_pair(None, spec, reference, small_args("--repeats", "3"))
+    assert three["step_x_ref"] == pytest.approx(1.01) and three["evict_share_pct"] == 4.5
+    assert three["step_x_ref_runs"] == pytest.approx([0.99, 1.01, 1.05]) and three["evict_share_runs"] == [4.0, 4.5, 5.2]
+    two = bench_cache.repeated_pair(None, spec, reference, small_args("--repeats", "2"))
+    assert two["step_x_ref"] == pytest.approx(1.2) and two["evict_share_median"] == 6.0  # the upper of two
+    section = {"reference": [row("full", None, length=1024)] * 2, "noise_pct": 0.1,
+               "rows": [three | {"evict_share_pct": 5.2, "evict_share_median": 4.5}, two]}
+    shares_lines = targets.evict_share_lines(section, [])
+    assert shares_lines[0].startswith("- **PASS**") and "median of 3 runs: 4.00%, 4.50%, 5.20%" in shares_lines[0]
+    assert shares_lines[1].startswith("- **FAIL**")
+    steps = targets.step_lines(section)
+    assert steps[1].startswith("- **PASS**") and "the median of 3 runs: 0.990x, 1.010x, 1.050x" in steps[1]
+    assert steps[2].startswith("- **FAIL**")
+
+
+def test_decode_section_rows_carry_every_runs_ratio():
+    model = tiny_model("llama")
+    section = bench_cache.decode_section(model, "tiny", 48, 16, small_args("--repeats", "2"))
+    assert len(section["rows"]) == len(targets.DECODE_POLICIES) * len(targets.REGIMES)
+    for decoded in section["rows"]:
+        assert len(decoded["step_x_ref_runs"]) == 2 and decoded["step_x_ref"] == max(decoded["step_x_ref_runs"])
+        assert decoded["evict_share_median"] == max(decoded["evict_share_runs"])
+    assert "," in bench_cache.markdown(section["rows"]).splitlines()[2]  # the per-run lists are printed
+
+
 def row(policy: str, evict: str | None = "every_forward", **values) -> dict:
     base = {"model": "wide", "policy": policy, "evict": evict, "budget": 1024, "length": 4096, "steps": 32,
             "evict_ms": 0.5, "step_ms": 20.0, "evict_share_pct": 2.5, "evictions": 0, "step_ms_median": 20.0}
