@@ -221,7 +221,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
     print("# buzz-lm-eval cache benchmark\n")
-    print("\n".join(machine_header(args.device)))
+    header = machine_header(args.device)  # the start's load average, as printed
+    print("\n".join(header))
     main_shape = None if args.pretrained else args.shape or ("llama1b" if args.device == "cuda" else "tiny")
     name = args.pretrained or main_shape
     print(f"- model: {name}, dtype {str(args.dtype).split('.')[-1]}, prefill chunk {args.chunk}, "
@@ -276,9 +277,10 @@ def main(argv=None) -> None:
              + targets.gpu_lines(rows, syncs, args.device))
     print("\n".join(lines))
     wall = time.perf_counter() - began
-    print(f"\nwall time {wall:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
+    load_end = os.getloadavg()[0]
+    print(f"\nwall time {wall:.0f} s, load average at end {load_end:.2f}")
     if args.json:
-        payload = {"machine": machine_header(args.device), "args": {k: str(v) for k, v in vars(args).items()},
+        payload = {"machine": header, "load_average_end": load_end, "args": {k: str(v) for k, v in vars(args).items()},
                    "selection": selection, "cases": rows, "grouping": grouping, "prefill": prefills, "decode": section, "amortised": share_rows,
                    "host_syncs": syncs, "targets": lines, "wall_s": wall}
         write_atomic(args.json, json.dumps(payload, indent=2))
