@@ -20,6 +20,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .mask_reads import QUERIES_REAL, read_once
 from .score_attention import attention_with_scores, expand_to_query_heads, softcapped_attention
 
 ATTN_IMPLEMENTATION = "buzz"
@@ -79,11 +80,12 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
 
 
 def query_validity(attention_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
-    """[B, q] bool: which new tokens are real, read off the mask's last q x q diagonal."""
+    """[B, q] bool: which new tokens are real, read off the mask's last q x q diagonal; None when
+    all are (read once per mask, see ``read_once``)."""
     if attention_mask is None:
         return None
-    last = attention_mask[:, 0, :, -q:]
-    return torch.diagonal(last, dim1=-2, dim2=-1)
+    valid = torch.diagonal(attention_mask[:, 0, :, -q:], dim1=-2, dim2=-1)
+    return None if read_once(attention_mask, QUERIES_REAL, lambda _: bool(valid.all())) else valid
 
 
 def prepare_model(model) -> None:

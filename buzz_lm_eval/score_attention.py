@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from .mask_reads import plain_causal
 from .policies.base import cached_arange
 
 SCORE_BLOCK_ELEMENTS = 1 << 24  # logits elements of one query block off the CPU (memory bound)
@@ -53,21 +54,8 @@ def attention_with_scores(
     if key.shape[2] < query.shape[2]:
         raise ValueError(f"attention_with_scores needs the queries' own keys among the keys: "
                          f"{key.shape[2]} keys for {query.shape[2]} queries")
-    visible = None if visible is not None and _plain_causal(visible) else visible
+    visible = None if visible is not None and plain_causal(visible) else visible  # skip future keys, no bias
     return _one_pass(query, key, value, visible, scaling, window, softcap)
-
-
-def _plain_causal(visible: torch.Tensor) -> bool:
-    """Whether a [B, 1|H_kv, q, L] mask (q > 1) shows every past key and the new keys causally: the
-    library's mask of an unpadded chunk. Such a mask is dropped, so the kernel skips the future
-    keys instead of adding a bias to every logit (two byte comparisons, no float pass)."""
-    q_len, length = visible.shape[-2:]
-    if q_len == 1 or length < q_len:
-        return False  # one query: nothing to skip (and no host sync in a decode step)
-    if length > q_len and not bool(visible[..., : length - q_len].view(torch.uint8).amin() == 1):
-        return False
-    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=visible.device).tril_()
-    return torch.equal(visible[..., length - q_len :], causal.expand(*visible.shape[:2], q_len, q_len))
 
 
 @torch.no_grad()
@@ -185,8 +173,9 @@ def _logits_buffer(pairs: int, rows: int, keys: int, like: torch.Tensor) -> torc
     glibc serves a fresh multi-MiB block with new pages: allocated per block, a 4k-token chunk of
     the benchmark's tiny model took ~5,700 page faults and 24 ms per layer instead of 16 ms. The
     workspace grows as needed (up to ``WORKSPACE_ELEMENTS_CPU``; larger blocks, at contexts where
-    a single pair's thinnest block is larger, are allocated per block) and lives with the thread.
-    Elsewhere the caching allocator already reuses blocks.
+    a single pair's thinnest block is larger, are allocated per block) and lives with the thread,
+    made outside inference mode (an inference tensor cannot be written outside it). Elsewhere the
+    caching allocator already reuses blocks.
     """
     size = pairs * rows * keys
     if like.device.type != "cpu" or size > WORKSPACE_ELEMENTS_CPU:
@@ -194,7 +183,8 @@ def _logits_buffer(pairs: int, rows: int, keys: int, like: torch.Tensor) -> torc
     buffer = getattr(_workspace, "buffer", None)
     if buffer is None or buffer.dtype != like.dtype or buffer.numel() < size:
         grown = 2 * buffer.numel() if buffer is not None and buffer.dtype == like.dtype else 1 << 16
-        buffer = _workspace.buffer = like.new_empty(min(WORKSPACE_ELEMENTS_CPU, max(size, grown)))
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buffer = _workspace.buffer = like.new_empty(min(WORKSPACE_ELEMENTS_CPU, max(size, grown)))
     return buffer[:size].view(pairs, rows, keys)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from buzz_lm_eval import attention, score_attention
+from buzz_lm_eval import attention, mask_reads, score_attention
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.score_attention import attention_with_scores, softcapped_attention
 
@@ -134,12 +134,12 @@ def test_only_a_plain_causal_chunk_mask_is_dropped():
     """The library's mask of an unpadded chunk is recognised (the kernel then skips future keys);
     a padded mask, a hidden key, or a single query's mask is kept."""
     causal = torch.ones(5, 9, dtype=torch.bool).tril(4).expand(2, 1, 5, 9)
-    assert score_attention._plain_causal(causal)
-    assert not score_attention._plain_causal(padded_mask(2, 1, 5, 9, pad=2))
+    assert mask_reads.plain_causal(causal)
+    assert not mask_reads.plain_causal(padded_mask(2, 1, 5, 9, pad=2))
     hidden = causal.clone()
     hidden[1, 0, 4, 7] = False  # a new key hidden from one query
-    assert not score_attention._plain_causal(hidden)
-    assert not score_attention._plain_causal(causal[:, :, -1:])
+    assert not mask_reads.plain_causal(hidden)
+    assert not mask_reads.plain_causal(causal[:, :, -1:])
     torch.manual_seed(8)
     query, (key, value) = hf_query(2, 4, 5, 8), views(2, 2, 9, 8)
     with_mask, without = attention_with_scores(query, key, value, causal, 0.3), attention_with_scores(query, key, value, None, 0.3)
@@ -297,3 +297,17 @@ def test_logits_workspace_is_reused_and_never_aliases_results(monkeypatch, limit
         assert torch.allclose(output, expected, atol=1e-5) and torch.allclose(scores, group_sum(probs, 2), atol=1e-5)
     if limit is None:
         assert score_attention._workspace.buffer is buffer is not None  # reused, not grown
+
+
+@pytest.mark.parametrize("first_mode", [torch.inference_mode, torch.no_grad])
+def test_logits_workspace_serves_calls_in_and_out_of_inference_mode(monkeypatch, first_mode):
+    """A workspace made under ``torch.inference_mode`` must stay writable outside it (lm-eval and
+    the benchmark run their forwards in different modes in one process)."""
+    monkeypatch.setattr(score_attention._workspace, "buffer", None)
+    torch.manual_seed(8)
+    inputs = (hf_query(1, 4, 12, 8), *views(1, 2, 20, 8))
+    probs, expected = eager(*inputs, None, 0.3)
+    for mode in (first_mode, torch.no_grad if first_mode is torch.inference_mode else torch.inference_mode):
+        with mode():
+            output, scores = attention_with_scores(*inputs, None, 0.3)
+        assert torch.allclose(output, expected, atol=1e-5) and torch.allclose(scores, group_sum(probs, 2), atol=1e-5)

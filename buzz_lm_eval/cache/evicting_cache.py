@@ -6,6 +6,7 @@ from transformers.cache_utils import Cache
 
 from ..architectures import layer_windows
 from ..attention import prepare_model
+from ..mask_reads import forget
 from ..policies import Policy, build_policy
 from ..positions import KeyRotation, check_positions, key_rotations
 from ..regime import Schedule, check_regime
@@ -46,6 +47,11 @@ class EvictingCache(Cache):
         for i, layer in enumerate(self.layers):
             layer.group, layer.group_index = group, i
         self.positions = None if not policy.evicts else "original" if rotations[0] is None else "shifted"
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0:
+            forget()  # a new forward: its mask may be an old object rewritten (see ``mask_reads``)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
     def _is_user_defined(self) -> bool:

@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..attention import offer_layer
+from ..mask_reads import PLAIN_CAUSAL, plain_causal, remember
 from ..policies import Policy
 from ..policies.base import all_but, real_slots
 from ..positions import KeyRotation, evicted_after
@@ -255,14 +256,18 @@ class EvictingLayer(DynamicLayer):
             new = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(batch, heads, q, q)
         else:
             new = library_mask[..., -q:].expand(batch, heads, q, q)
-        return torch.cat([allowed, new], dim=-1)
+        visible = torch.cat([allowed, new], dim=-1)
+        if not self.padded and self.sliding_window is None and (library_mask is None or plain_causal(library_mask)):
+            remember(visible, PLAIN_CAUSAL, True)  # every stored slot real and the new block causal: no read
+        return visible
 
     def evict(self, scores: torch.Tensor | None, query_valid: torch.Tensor | None) -> None:
         """Mark padding among the new tokens, run the policy (repeated under a budget), compact.
 
         ``scores`` [B, H_kv, L] are per slot; the policy sees them in the tokens' original order.
+        ``query_valid`` [B, q]: which new tokens are real, None when all are (``query_validity``).
         """
-        if query_valid is not None and not bool(query_valid.all()):
+        if query_valid is not None:
             new = self.positions[..., -query_valid.shape[-1] :]
             new.masked_fill_(~query_valid.unsqueeze(1), -1)
             self.padded = True
