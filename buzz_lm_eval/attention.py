@@ -63,7 +63,7 @@ def buzz_attention_forward(module, query, key, value, attention_mask, **kwargs):
     q_len = query.shape[2]
     kernel = not module.training and (softcap is not None or layer.needs_attention)
     with layer.stats.timer():
-        visible = layer.visibility(attention_mask, q_len)
+        visible = layer.visibility(attention_mask, q_len, scored=kernel)
         query, key_class = layer.align_query(query, classed=kernel)
     scores = None
     if kernel:

@@ -88,3 +88,4 @@ def test_a_chunked_prefill_reads_its_mask_once_per_forward_whatever_the_layer_co
     two, four = reads_per_chunk(2, policy, evict), reads_per_chunk(4, policy, evict)
     assert two[0] == 0  # the first chunk comes without a mask
     assert two == four and max(two) <= 3  # is it plain causal (2 reads), are all queries real (1)
+    assert max(two) == (1 if policy == "streaming" else 3)  # sdpa never asks whether it is plain causal

@@ -236,10 +236,12 @@ class EvictingLayer(DynamicLayer):
             return query, None
         return self.shift.align_query(query, self.keys, classed, self.seen)
 
-    def visibility(self, library_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
+    def visibility(self, library_mask: torch.Tensor | None, q: int, scored: bool = False) -> torch.Tensor | None:
         """[B, 1|H, q, L] bool mask of what the new queries may see (library mask until evicted).
 
         The new tokens occupy the last ``q`` slots in order; earlier slots are visible by position.
+        ``scored``: the mask goes to the score kernel, which asks whether it is plain causal; the
+        answer is then recorded from the library mask's, without reading the new mask.
         """
         if not self.evicted:
             return library_mask
@@ -257,8 +259,9 @@ class EvictingLayer(DynamicLayer):
         else:
             new = library_mask[..., -q:].expand(batch, heads, q, q)
         visible = torch.cat([allowed, new], dim=-1)
-        if not self.padded and self.sliding_window is None and (library_mask is None or plain_causal(library_mask)):
-            remember(visible, PLAIN_CAUSAL, True)  # every stored slot real and the new block causal: no read
+        if scored and not self.padded and self.sliding_window is None:  # every stored slot visible
+            if library_mask is None or plain_causal(library_mask):  # and the new block causal
+                remember(visible, PLAIN_CAUSAL, True)  # the kernel's question, answered without a read
         return visible
 
     def evict(self, scores: torch.Tensor | None, query_valid: torch.Tensor | None) -> None:
