@@ -123,7 +123,7 @@ def cell(key: str, fmt: str, value) -> str:
     if key.startswith("within_"):
         return "yes" if value else "**NO**"
     if isinstance(value, list):
-        return ", ".join(fmt.format(item) for item in value)
+        return targets.listed(value, fmt)
     return fmt.format(value)
 
 

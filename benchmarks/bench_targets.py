@@ -74,7 +74,7 @@ def evict_share_lines(section: dict, share_rows: list[dict]) -> list[str]:
         share, note = row.get("evict_share_median", row["evict_share_pct"]), f"{row['steps']} steps"
         detail = f"{row['evict_ms']:.3f} of {row['step_ms']:.2f} ms"
         if "evict_share_runs" in row:
-            note += f"; median of {len(row['evict_share_runs'])} runs: {_listed(row['evict_share_runs'], '{:.2f}%')}"
+            note += f"; median of {len(row['evict_share_runs'])} runs: {listed(row['evict_share_runs'], '{:.2f}%')}"
             detail = f"the step-ratio median run: {detail}"
         cycle = amortised.get((row["model"], row["length"], row["budget"]))
         if row["policy"] == "buzz" and row["evict"] == "every_forward" and cycle is not None:
@@ -86,7 +86,8 @@ def evict_share_lines(section: dict, share_rows: list[dict]) -> list[str]:
     return lines
 
 
-def _listed(values: list[float], fmt: str) -> str:
+def listed(values: list[float], fmt: str) -> str:
+    """``values`` each formatted with ``fmt``, comma-separated (also the tables' cells of per-run lists)."""
     return ", ".join(fmt.format(value) for value in values)
 
 
@@ -102,7 +103,7 @@ def step_lines(section: dict) -> list[str]:
                      "rerun on an idle machine before trusting the step targets**")
     for row in section["rows"]:
         runs = row.get("step_x_ref_runs", [row["step_x_ref"]])
-        spread = f"; the median of {len(runs)} runs: {_listed(runs, '{:.3f}x')}" if len(runs) > 1 else ""
+        spread = f"; the median of {len(runs)} runs: {listed(runs, '{:.3f}x')}" if len(runs) > 1 else ""
         lines.append(f"- {verdict(row['step_x_ref'] <= limit)} {case(row)}: decode step <= a full cache's holding "
                      f"{first['length']} tokens (median of {row['steps']} paired steps{spread}): {row['step_x_ref']:.3f}x "
                      f"(medians {row['step_ms_median']:.2f} vs {row['ref_step_ms_median']:.2f} ms)")

@@ -7,8 +7,8 @@ device has no data at all, so each such read raises there; the cache's CPU-only 
 decode on meta therefore take the accelerator path with no host read of any tensor.
 
 The prompt goes in as one forward, which transformers gives no mask. A prompt fed in chunks gets
-one from the second chunk on, and each layer then reads once whether the chunk holds padding
-(``EvictingLayer.evict``): one host read per layer and chunk of the prefill, none per decode step.
+one from the second chunk on, and what it says (plain causal? padding?) is read on the host once
+per forward (``mask_reads``, counted in ``test_mask_reads.py``): none per decode step.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from buzz_lm_eval.cache import build_cache
+from buzz_lm_eval.cache import EvictingCache, build_cache
 from buzz_lm_eval.policies import POLICY_NAMES
 
 from .conftest import tiny_model
@@ -26,7 +26,7 @@ EVICTING = [name for name in POLICY_NAMES if name != "full"]
 BUDGET, PROMPT, STEPS = 20, 60, 30  # buzz thins 4 times in these steps
 
 
-def meta_run(policy: str, **options) -> torch.nn.Module:
+def meta_run(policy: str, **options) -> EvictingCache:
     """A cache built for a tiny Llama, then the model moved to meta: a prefill of ``PROMPT``
     tokens and ``STEPS`` one-token decode steps, all on meta; the cache."""
     model = tiny_model("llama")
