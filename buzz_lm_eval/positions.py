@@ -57,7 +57,7 @@ class KeyRotation:
         """[.., 2, rotary_dim / 2] cos and sin of ``delta`` [..] positions (|delta| <= ``bound``), or
         of ``-delta`` with ``back``: what ``turn_`` applies."""
         table = self.tables(bound, delta.device)
-        middle = table.shape[0] // 2
+        middle, delta = table.shape[0] // 2, delta.long()  # (a narrower delta would overflow past ``middle``)
         rows = (middle - delta if back else delta + middle).reshape(-1)
         return table.view(table.shape[0], -1).index_select(0, rows).view(*delta.shape, 2, self.rotary_dim // 2)
 

@@ -97,7 +97,7 @@ def _pass(query, key, value, visible, scaling, window, softcap, key_class=None):
     rows = rows * (scaling / (softcap or 1.0))  # scaled once here: a plain bmm is faster than baddbmm's alpha
     runs = None
     if key_class is not None:  # rows are (run, group) of the one query; each key takes its run's row
-        runs = key_class.expand(batch, kv_heads, length).reshape(pairs, 1, 1, length).expand(pairs, 1, groups, length)
+        runs = key_class.long().expand(batch, kv_heads, length).reshape(pairs, 1, 1, length).expand(pairs, 1, groups, length)
         q_len = 1
     past = length - q_len
     keys_t, values = key.flatten(0, 1).transpose(1, 2), value.flatten(0, 1)  # views: K/V never copied

@@ -20,7 +20,7 @@ def eager(query, key, value, visible, scaling, softcap=None, key_class=None):
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     logits = query.float() @ key.float().transpose(-1, -2) * scaling
     if key_class is not None:
-        runs = key_class.expand(key.shape[0], -1, -1).repeat_interleave(query.shape[1] // key_class.shape[1], 1)
+        runs = key_class.long().expand(key.shape[0], -1, -1).repeat_interleave(query.shape[1] // key_class.shape[1], 1)
         logits, query = logits.gather(2, runs.unsqueeze(2)), query[:, :, :1]
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap

@@ -127,6 +127,27 @@ def test_snapkv_hand_example_pools_and_keeps_the_window():
     assert peak.step(peak.new_state(), attn)[0, 0].tolist() == [0, 4, 5]  # maxima 3, 3, 3, 2.5: earliest
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_snapkv_window_mean_is_the_library_average_pool_bit_for_bit(dtype):
+    """snapkv's average pooling (shifted adds) gives exactly what ``F.avg_pool1d`` gives: every kept
+    token depends on it. Probabilities from a softmax, uniform noise, ties and zeros, odd kernels."""
+    from buzz_lm_eval.policies.snapkv import window_mean
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        length = 1 + trial * 13
+        scores = torch.softmax(5 * torch.randn(2, 3, length, generator=generator), dim=-1)
+        if trial % 2:
+            scores = torch.rand(2, 3, length, generator=generator).mul(4).round().div(4)  # ties and zeros
+        scores = scores.to(dtype)
+        for kernel in (1, 3, 5, 7, 9):
+            expected = torch.nn.functional.avg_pool1d(scores, kernel, stride=1, padding=kernel // 2)
+            assert torch.equal(window_mean(scores, kernel), expected), (trial, kernel)
+            sliced = scores[..., : max(1, length - 2)]  # a strided view, as a decode step pools
+            expected = torch.nn.functional.avg_pool1d(sliced, kernel, stride=1, padding=kernel // 2)
+            assert torch.equal(window_mean(sliced, kernel), expected), (trial, kernel)
+
+
 def test_snapkv_counts_only_the_last_observation_queries():
     policy = build_policy("snapkv", heavy=1, observation=2, kernel=1)
     attn = torch.zeros(1, 1, 3, 5)

@@ -34,7 +34,8 @@ RESPLIT_EVERY = 128
 
 
 class ShiftedKeys:
-    """Lags of one layer's stored keys: ``lag`` [B, 1|H, C] per run, ``key_class`` [B, 1|H, L] per slot."""
+    """Lags of one layer's stored keys: ``lag`` [B, 1|H, C] per run, ``key_class`` [B, 1|H, L] per slot
+    (int8: a decode step's bookkeeping of runs moves an eighth of the bytes int64 would)."""
 
     def __init__(self, rotation: KeyRotation, classes: int = 1):
         self.rotation = rotation
@@ -92,7 +93,7 @@ class ShiftedKeys:
         self.flush(keys, bound)
         length = order.shape[-1]
         run = torch.arange(length, device=order.device) * self.classes // length  # by rank in original order
-        self.key_class = torch.empty_like(order).scatter_(-1, order, run.expand_as(order))
+        self.key_class = torch.empty_like(order).scatter_(-1, order, run.expand_as(order)).to(torch.int8)
         lag = self.lag if self.lag is not None else order.new_zeros(order.shape[0], 1, 1)
         self.lag, self.drops = lag.expand(*lag.shape[:2], self.classes), 0
 
@@ -112,8 +113,9 @@ class ShiftedKeys:
         runs = self.key_class.expand(*slot.shape[:2], -1)
         dropped = runs.gather(-1, slot)
         runs = last_into(runs, slot)  # the store's move: the last slot fills the freed one
-        same = (runs == dropped).long()
-        ahead = before * same
+        same = runs == dropped
+        ahead = before & same
+        same, ahead = same.view(torch.int8), ahead.view(torch.int8)  # 0/1 bytes: arithmetic without a copy
         shift = torch.sub(same, ahead, alpha=2).sum(-1, keepdim=True) < 0  # the keys ahead are the majority
         runs_before = cached_arange(self.classes, slot.device) < dropped + shift  # and the dropped one's when shift
         self.lag = self.lag + runs_before
@@ -148,10 +150,10 @@ class ShiftedKeys:
         return lag.gather(-1, runs)
 
     def _per_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``lag`` [B, R, C] and ``key_class`` [B, R, L] expanded to the same rows (views)."""
+        """``lag`` [B, R, C] and ``key_class`` [B, R, L] (as indices) expanded to the same rows."""
         rows = max(self.lag.shape[1], self.key_class.shape[1])
         return (self.lag.expand(self.lag.shape[0], rows, -1),
-                self.key_class.expand(self.key_class.shape[0], rows, -1))
+                self.key_class.long().expand(self.key_class.shape[0], rows, -1))
 
     def canonical(self, keys: torch.Tensor, bound: int) -> torch.Tensor:
         """A copy of stored keys [B, H, K, D] rotated at the positions the cache reports."""
