@@ -22,6 +22,7 @@ forward ("paper mode").
 """
 
 from .evicting_cache import EvictingCache, build_cache
-from .layer import EvictingLayer, LayerStats
+from .layer import EvictingLayer
+from .layer_stats import LayerStats
 
 __all__ = ["EvictingCache", "EvictingLayer", "LayerStats", "build_cache"]

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -15,39 +11,11 @@ from ..policies import Policy
 from ..policies.base import all_but, real_slots
 from ..positions import KeyRotation, evicted_after
 from ..regime import Schedule
+from .layer_stats import LayerStats
 from .shifted_keys import LAG_CLASSES, ShiftedKeys
 from .slots import SlotStore, last_into, rows_with, tail_moves
 
 ONE_CACHE = "an evicting cache serves one generate call (build a new one with build_cache, or call cache.reset())"
-
-
-@dataclass
-class LayerStats:
-    """Running counters of one layer (token counts are per batch row)."""
-
-    forwards: int = 0
-    peak_tokens: int = 0
-    kept_tokens_sum: int = 0
-    bytes_per_token: int = 0
-    allocated_bytes_peak: int = 0  # bytes of the key/value buffers, spare capacity included
-    evict_seconds: float = 0.0
-    sync: bool = False
-
-    def count_forward(self, kept: int) -> None:
-        self.forwards += 1
-        self.kept_tokens_sum += kept
-
-    @contextmanager
-    def timer(self):
-        if self.sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.evict_seconds += time.perf_counter() - start
 
 
 class EvictingLayer(DynamicLayer):
