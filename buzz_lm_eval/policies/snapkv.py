@@ -93,9 +93,10 @@ class SnapKVPolicy(Policy):
 def window_mean(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     """``F.avg_pool1d(scores, kernel, stride=1, padding=kernel // 2)`` (odd ``kernel``), bit for bit.
 
-    The pooling kernels add each window's terms left to right in the input's float type and divide
-    the sum by ``kernel`` (padding counts as 0); so do ``kernel`` shifted adds, in about half the
-    time on CPU for a decode step's few rows. Other dtypes (a wider accumulator) go to the library.
+    torch's pooling kernel adds each window's terms left to right in the input's float type and
+    divides the sum by ``kernel`` (padding counts as 0); so do ``kernel`` shifted adds, in about
+    half the time on CPU for a decode step's few rows (``tests/test_policies_prefill.py`` checks
+    the equality). Other dtypes (a wider accumulator) go to the library.
     """
     if scores.dtype not in (torch.float32, torch.float64):
         return F.avg_pool1d(scores, kernel_size=kernel, stride=1, padding=kernel // 2)
