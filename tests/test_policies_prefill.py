@@ -171,6 +171,18 @@ def test_knorm_keeps_the_lowest_norms_per_head():
     assert policy.step(policy.new_state(), norms)[0].tolist() == [[1, 3], [0, 3]]
 
 
+def test_random_key_mix_on_python_ints_is_the_tensor_mix():
+    """A draw's key is mixed on Python ints; the slots on int64 tensors: both are splitmix64's
+    finaliser, so every key (and every kept set) is what the tensor version gives."""
+    from buzz_lm_eval.policies.random_policy import _U64, _signed, mix64, mix64_int
+
+    generator = torch.Generator().manual_seed(0)
+    values = [0, 1, (1 << 63) - 1, 1 << 63, _U64] + [
+        int(v) & _U64 for v in torch.randint(-(1 << 63), (1 << 63) - 1, (2000,), generator=generator)]
+    tensor = mix64(torch.tensor([_signed(v) for v in values]))
+    assert [int(v) & _U64 for v in tensor] == [mix64_int(v) for v in values]
+
+
 def test_random_is_seeded_uniform_and_varies_by_seed_layer_and_step():
     counts = torch.zeros(10)
     choices = set()

@@ -16,7 +16,8 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-MIX_1, MIX_2, GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+_MIX_1, _MIX_2, _GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
+MIX_1, MIX_2, GOLDEN = _signed(_MIX_1), _signed(_MIX_2), _signed(_GOLDEN)
 
 
 def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,11 +32,19 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift(x, 31)
 
 
+def mix64_int(value: int) -> int:
+    """``mix64`` of one unsigned 64-bit Python int: a draw's key, mixed without a tensor (a decode
+    step derives one per layer; as scalar tensors that was ~20 small operations)."""
+    value = ((value ^ (value >> 30)) * _MIX_1) & _U64
+    value = ((value ^ (value >> 27)) * _MIX_2) & _U64
+    return value ^ (value >> 31)
+
+
 def uniform_scores(rel: torch.Tensor, *keys: int) -> torch.Tensor:
     """Pseudo-random float64 in [0, 1) per slot, a pure function of ``keys`` and the slot index ``rel``."""
     key = 0
     for part in keys:
-        key = int(mix64(torch.tensor(_signed(key * GOLDEN + part + 1)))) & _U64
+        key = mix64_int((key * _GOLDEN + part + 1) & _U64)
     mixed = mix64(rel.to(torch.long) * GOLDEN + _signed(key))
     return _shift(mixed, 11).to(torch.float64) / float(1 << 53)
 
