@@ -110,7 +110,9 @@ def quiet_task_warnings(task_module) -> None:
 
 
 def name_default_model(tracker_module) -> None:
-    """Name ``buzz_hf`` runs without ``pretrained=`` after the shipped model, not a random id."""
+    """Name ``buzz_hf`` runs without ``pretrained=`` after the shipped model, not a random id, and runs
+    on an offline model (``pretrained=smollm2-135m-instruct`` or its fetched directory) after its
+    display name (``SmolLM2-135M-Instruct``), which is also their ``--output_path`` folder."""
     import inspect
 
     cls = tracker_module.GeneralConfigTracker
@@ -121,14 +123,47 @@ def name_default_model(tracker_module) -> None:
         def log_experiment_args(self, *args, **kwargs):
             original(self, *args, **kwargs)
             given = signature.bind(self, *args, **kwargs).arguments
-            if given.get("model_source") == "buzz_hf" and cls._get_model_name(given.get("model_args")) is None:
+            if given.get("model_source") != "buzz_hf":
+                return
+            named = cls._get_model_name(given.get("model_args"))
+            if named is None:
                 from buzz_lm_eval.paths import DEFAULT_MODEL_NAME
 
                 self.model_name = self.model_name_sanitized = DEFAULT_MODEL_NAME
+                return
+            from buzz_lm_eval.offline_models import display_name
+
+            display = display_name(named)
+            if display is not None:
+                self.model_name = self.model_name_sanitized = display
 
         return log_experiment_args
 
     wrap_method(cls, "log_experiment_args", make)
+    check_output_path(tracker_module)
+
+
+def check_output_path(tracker_module) -> None:
+    """When lm-eval sets up its tracker (before it indexes tasks or loads the model): an
+    ``--output_path`` that cannot be written fails (lm-eval itself would compute everything, then
+    only warn and save nothing), and so, under the ``lm_eval`` script, do bad ``buzz_hf`` model_args
+    (an offline model not fetched yet, say), as ``buzz-lm-eval`` checks them."""
+
+    def make(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if getattr(self, "output_path", None):
+                from buzz_lm_eval.files import check_writable_folder
+
+                check_writable_folder(self.output_path, "--output_path")
+            if os.path.basename(sys.argv[0]) in ("lm_eval", "lm-eval"):
+                from buzz_lm_eval.cli import check_buzz_model_args
+
+                check_buzz_model_args(sys.argv[1:])
+
+        return __init__
+
+    wrap_method(tracker_module.EvaluationTracker, "__init__", make)
 
 
 AFTER_IMPORT = {

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 SUBCOMMANDS = {
+    "models": "buzz_lm_eval.offline_models",
     "demo": "buzz_lm_eval.demo",
     "sweep": "buzz_lm_eval.sweep",
     "leaderboard": "buzz_lm_eval.leaderboard",

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .cache import build_cache
 from .compat import cache_kwargs
+from .offline_models import resolve
 from .paths import DEFAULT_MODEL_DIR
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She had a red ball and a small dog."
@@ -21,7 +22,8 @@ PROMPT = "Once upon a time, there was a little girl named Lily. She had a red ba
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="buzz-lm-eval demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrained", default=str(DEFAULT_MODEL_DIR), help="model directory or hub id")
+    parser.add_argument("--pretrained", default=str(DEFAULT_MODEL_DIR),
+                        help="model directory, hub id, or an offline model name (`buzz-lm-eval models`)")
     parser.add_argument("--policies", default="full,streaming,h2o,buzz", help="comma-separated cache policies")
     parser.add_argument("--budget", type=int, default=48, help="KV-token budget for every evicting policy")
     parser.add_argument("--new-tokens", type=int, default=160)
@@ -32,6 +34,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    args.pretrained = resolve(args.pretrained)
     tokenizer = AutoTokenizer.from_pretrained(args.pretrained)
     model = AutoModelForCausalLM.from_pretrained(args.pretrained, dtype=torch.float32).to(args.device).eval()
     inputs = tokenizer([args.prompt], return_tensors="pt").to(args.device)

@@ -106,3 +106,22 @@ def write_atomic(path: str | Path, payload: str | bytes) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def check_writable_folder(path: str | Path, what: str) -> None:
+    """Fail before any heavy work when results cannot be written under ``path`` (a folder that may not
+    exist yet; a ``.json`` path names a file in its parent): its nearest existing ancestor must be a
+    folder where a file can be created."""
+    path = Path(path)
+    folder = path.parent if path.suffix == ".json" else path
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}={str(path)!r} cannot be written: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what}={str(path)!r} cannot be written: no file can be created in {existing} "
+                         f"({exc.strerror or exc}); choose a writable folder") from exc

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .cache import build_cache
 from .compat import cache_kwargs
 from .model_args import SIZE_KEYS, check_args, check_stats_file, plan_cache
+from .offline_models import resolve, source_of
 from .paths import DEFAULT_MODEL_DIR
 from .run_stats import RunStats, full_cache_stats
 
@@ -79,12 +80,35 @@ def check_parsed_model_args(model_args: dict) -> None:
     kwargs = args.pop("kwargs", {})
     for key in ("self", "stats_file", "device"):
         args.pop(key, None)
-    check_args(args.pop("pretrained", None) or str(DEFAULT_MODEL_DIR), args, kwargs)
+    check_args(resolve(args.pop("pretrained", None) or str(DEFAULT_MODEL_DIR)), args, kwargs)
+
+
+# lm-eval's CLI passes these from its own flags as well as from --model_args
+CLI_FLAGS = {"batch_size": "--batch_size", "max_batch_size": "--max_batch_size", "device": "--device"}
 
 
 @register_model("buzz_hf")
 class BuzzHFLM(HFLM):
     """HFLM whose forwards and generations run under a KV-cache eviction policy."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lm-eval's constructor from a ``--model_args`` string (see ``create_from_arg_obj``)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's constructor from parsed ``--model_args``; a key that the command line also sets
+        from its own flag (``batch_size``, ``device``) is a clear error, not a TypeError."""
+        extra = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        both = sorted(set(arg_dict) & set(extra))
+        if both:
+            flags = ", ".join(f"{key} (use {CLI_FLAGS.get(key, '--' + key)} {arg_dict[key]})" for key in both)
+            raise ValueError(f"buzz_hf: {flags}: lm-eval's command line sets these itself, so they cannot also "
+                             "be given in --model_args")
+        return cls(**arg_dict, **extra)
 
     def __init__(
         self,
@@ -115,13 +139,14 @@ class BuzzHFLM(HFLM):
                      observation=observation, kernel=kernel, pooling=pooling, beta=beta, capacity=capacity, seed=seed)
         cache_args = dict(cache=cache, budget=budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk,
                           evict=evict, positions=positions, **sizes)
-        pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else pretrained
+        pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else resolve(pretrained)
         check_stats_file(stats_file)
         check_args(pretrained, cache_args, kwargs)
         self.configure_cache(**cache_args)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.stats_file, self._streaming, self._probing = stats_file, False, False
         self._prompt_length, self._stats_key = None, None
+        self._pretrained_dir = pretrained
         super().__init__(pretrained=pretrained, device=device, **kwargs)
         if self.evicting and self._max_length:
             log.info(
@@ -195,6 +220,9 @@ class BuzzHFLM(HFLM):
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["model_name_or_path"] = getattr(self.model.config, "name_or_path", None) or None
+        source = source_of(getattr(self, "_pretrained_dir", None))
+        if source is not None:
+            info["model_source"] = source
         per_task: dict[str, dict] = {}
         for (task, kind), stats in self.task_stats.items():
             per_task.setdefault(task or "(no task)", {})[kind] = stats.summary()
@@ -296,21 +324,45 @@ class BuzzHFLM(HFLM):
         return super().tok_batch_encode(strings, *args, **kwargs)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        cache = None
+        cache, extra = None, 0
         if self.evicting:
+            if self.prefill_chunk is not None:
+                context, generation_kwargs, extra = self.align_chunks(context, generation_kwargs)
+                max_length += extra
+                generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
             cache = build_cache(
                 self.model, self.policy, evict=self.evict, prompt_length=context.shape[1],  # the left-padded width
                 positions=self.positions,
             )
             generation_kwargs.update(cache_kwargs(self.model, cache))
-            if self.prefill_chunk is not None:
-                generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
         start = time.perf_counter()
-        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        out = super()._model_generate(context, max_length, stop, **generation_kwargs)[:, extra:]
         seconds = time.perf_counter() - start
         seen = out.shape[1] - 1
         self.record("generate_until", cache, out.shape[0], seen, out.numel() - out.shape[0], seconds)
         return out
+
+    def align_chunks(self, context: torch.Tensor, generation_kwargs: dict) -> tuple[torch.Tensor, dict, int]:
+        """Left-pad the prompts to a multiple of ``prefill_chunk`` tokens.
+
+        ``generate`` cuts the prompt into chunks from its first column. Padded to a multiple of the
+        chunk, every chunk boundary lies a whole number of chunks before the prompts' common end, so
+        each row meets the same boundaries (and evictions) whatever its padding: in any batch, as
+        alone. Returns the context, the generation kwargs with the widened attention mask, and how
+        many columns were added (stripped from the output again).
+        """
+        extra = -context.shape[1] % self.prefill_chunk
+        if extra == 0:
+            return context, generation_kwargs, 0
+        rows = context.shape[0]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = torch.full((rows, extra), pad_id, dtype=context.dtype, device=context.device)
+        mask = generation_kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(context)
+        generation_kwargs = {**generation_kwargs,
+                             "attention_mask": torch.cat([torch.zeros_like(pad, dtype=mask.dtype), mask], dim=1)}
+        return torch.cat([pad, context], dim=1), generation_kwargs, extra
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         if not self.evicting or attn_mask is not None or labels is not None:

@@ -53,6 +53,11 @@ def plan_cache(cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, 
         raise ValueError(f"buzz_hf: unknown cache setting(s) {', '.join(unknown)}; valid: {', '.join(OWN_KEYS)}")
     policy = build_policy(cache, budget=budget, **{k: v for k, v in sizes.items() if v is not None})
     policy.check_bounded()
+    if not policy.evicts:
+        ignored = [f"{key}={value}" for key, value in (("evict", evict), ("positions", positions)) if value is not None]
+        if ignored:
+            raise ValueError(f"buzz_hf: cache=full never evicts, so {' and '.join(ignored)} would have no effect; "
+                             "leave them out, or pick an evicting cache")
     budget = None if budget is None else integral("buzz_hf", "budget", budget)
     evict = check_regime(evict, None, policy)
     positions = check_positions(positions) if policy.evicts else None
@@ -67,6 +72,11 @@ def check_model_args(kwargs: dict) -> None:
     """Reject model_args that neither HFLM, from_pretrained pass-through, nor buzz_hf know."""
     named = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
     valid = named | set(OWN_KEYS) | set(PASSTHROUGH_KEYS)
+    spaced = sorted(key for key in kwargs if key != key.strip())
+    if spaced:
+        shown = ", ".join(repr(key) for key in spaced)
+        raise ValueError(f"buzz_hf: model_args key(s) {shown} have spaces around them (lm-eval keeps spaces in "
+                         "keys): write the model_args without spaces, e.g. cache=buzz,budget=64")
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         names = ", ".join(f"{key}{did_you_mean(key, valid)}" for key in unknown)

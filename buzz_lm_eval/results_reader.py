@@ -99,6 +99,8 @@ def load_results(path: Path) -> dict[str, Any]:
     """Parse ``path`` and check it looks like an lm-eval results file with results in it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError as exc:
+        raise SkipFile("JSON nested too deeply to read (RecursionError); not an lm-eval results file") from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SkipFile(f"unreadable or invalid JSON ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
@@ -123,6 +125,10 @@ def model_args(config: dict[str, Any]) -> dict[str, Any]:
 def model_id(data: dict[str, Any]) -> ModelId:
     """The model's identity from lm-eval's fields (``pretrained``, revision, weights hash, adapters)."""
     config, args = data["config"], model_args(data["config"])
+    source = config.get("model_source")
+    if isinstance(source, dict) and source.get("model"):  # an offline model (offline_models.py)
+        name = f"{source['model']} ({source.get('quantisation')} GGUF, {source.get('package')}=={source.get('version')})"
+        return ModelId(name, "main", str(source.get("sha256")), None, None)
     path = (args.get("pretrained") or config.get("model_name_or_path") or data.get("model_name")
             or config.get("model") or "unknown")
     revision = config.get("model_revision") or args.get("revision") or "main"

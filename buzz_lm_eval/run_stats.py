@@ -30,6 +30,8 @@ class RunStats:
     full_bytes: float = 0.0
     peak_bytes: float = 0.0
     kept_tokens_peak_per_layer: list[int] = field(default_factory=list)
+    prompt_tokens: float = 0.0  # after_prefill: tokens compressed, summed over sequences ...
+    compressed_tokens: float = 0.0  # ... and what the compression left of them
 
     def add(self, stats: dict, rows: int, tokens: int, seconds: float) -> dict:
         """Fold in one batch; return that batch's per-sequence record (for the side file)."""
@@ -47,6 +49,8 @@ class RunStats:
         self.kv_bytes_weighted += stats["kv_bytes_mean"]
         self.peak_bytes += stats["kv_bytes_peak"]
         self.full_bytes += stats["kv_bytes_peak"] * stats["compression_ratio"]
+        self.prompt_tokens += stats.get("prompt_tokens_compressed", 0.0) * rows
+        self.compressed_tokens += stats.get("kept_tokens_after_compression", 0.0) * rows
         return {
             "rows": rows,
             "tokens_seen": stats["tokens_seen"],
@@ -76,6 +80,10 @@ class RunStats:
             "model_seconds": self.seconds,
             "tokens_per_second": self.tokens / self.seconds if self.seconds else 0.0,
             "kv_bytes_peak_total": self.peak_bytes,
+            # after_prefill (kvpress's reading): the share of the prompt's tokens pruned by the compression
+            "pruned_fraction_after_prefill": 1 - self.compressed_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "prompt_tokens_total": self.prompt_tokens,
+            "kept_after_prefill_total": self.compressed_tokens,
         }
 
     @classmethod
@@ -91,6 +99,8 @@ class RunStats:
             kv_bytes_weighted=summary["kv_bytes_mean"] * rows,
             full_bytes=summary["compression_ratio"] * peak_bytes, peak_bytes=peak_bytes,
             kept_tokens_peak_per_layer=list(summary.get("kept_tokens_peak_per_layer") or []),
+            prompt_tokens=summary.get("prompt_tokens_total", 0.0),
+            compressed_tokens=summary.get("kept_after_prefill_total", 0.0),
         )
 
     def merge(self, other: RunStats) -> None:

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from buzz_lm_eval import sweep_resume
-from buzz_lm_eval.files import write_atomic
+from buzz_lm_eval.files import check_writable_folder, write_atomic
 from buzz_lm_eval.hflm import BuzzHFLM
 from buzz_lm_eval.model_args import OWN_KEYS
+from buzz_lm_eval.offline_models import resolve
 from buzz_lm_eval.machine import hardware
 from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
@@ -96,6 +97,17 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def shard(text: str) -> tuple[int, int]:
+    """``K/N`` with 1 <= K <= N."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be K/N, e.g. 1/2, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
@@ -118,8 +130,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gen_kwargs", help="as in lm_eval, e.g. max_gen_toks=64")
     parser.add_argument("--metadata", type=json.loads, default={},
                         help='task metadata JSON as in lm_eval, e.g. \'{"max_seq_lengths":[1024,2048]}\'')
+    parser.add_argument("--system_instruction", help="as in lm_eval")
+    parser.add_argument("--num_fewshot", type=int, help="as in lm_eval")
     parser.add_argument("--log_samples", action="store_true",
                         help="as in lm_eval: samples_<task>_<date>.jsonl next to each results file")
+    parser.add_argument("--shard", type=shard, default=(1, 1), metavar="K/N",
+                        help="run only every N-th run of the grid, starting with the K-th (1-based), so N processes, "
+                             "GPUs or array jobs share one grid into one --output; the leaderboard merges them")
     parser.add_argument("--verbose", action="store_true", help="print the full traceback of a failed run")
     return parser.parse_args(argv)
 
@@ -214,6 +231,7 @@ def evaluate(lm, sweep: Sweep, run: Run) -> tuple[dict[str, Any], dict[str, list
         model=lm, model_args=run_model_args(sweep, run), tasks=sweep.tasks, task_manager=sweep.task_manager,
         limit=args.limit, log_samples=args.log_samples, evaluation_tracker=tracker, device=str(lm.device),
         batch_size=lm.batch_size, apply_chat_template=args.apply_chat_template, gen_kwargs=args.gen_kwargs,
+        system_instruction=args.system_instruction, num_fewshot=args.num_fewshot,
     )
     # simple_evaluate names an LM object by its checkpoint; config.buzz_cache comes from get_model_info
     results["config"]["model"] = "buzz_hf"
@@ -276,7 +294,8 @@ def execute(lm, sweep: Sweep, run: Run) -> str:
     started, wall = datetime.now(timezone.utc).isoformat(), time.perf_counter()
     results, samples = evaluate(lm, sweep, run)
     results["sweep"] = {"command": sweep.command, "run": run.name, "model": sweep.model, "tasks": sweep.tasks,
-                        "apply_chat_template": sweep.args.apply_chat_template, "hardware": sweep.hardware,
+                        "apply_chat_template": sweep.args.apply_chat_template,
+                        **sweep_resume.prompt_settings(sweep.args), "hardware": sweep.hardware,
                         "date": started, "wall_seconds": round(time.perf_counter() - wall, 3)}
     path = save(run_dir, results, samples)
     return f"{run.name}: done in {results['sweep']['wall_seconds']:.1f} s; {headline(results)} -> {path}"
@@ -312,6 +331,8 @@ def validate(
     from lm_eval.tasks import TaskManager
 
     runs, problems = plan_grid(args.policies, args.budgets, args.evict)
+    k, n = args.shard
+    runs = runs[k - 1 :: n]
     task_manager = TaskManager(metadata=metadata)
     tasks, task_problems = resolve_tasks(args.tasks, task_manager)
     for problem in problems + task_problems:
@@ -339,6 +360,12 @@ def sweep_main(argv: list[str], finished: list[str]) -> int:
     args = parse_args(argv)
     try:
         base_args, kwargs = split_model_args(args.model_args)
+    except ValueError as exc:
+        report(str(exc))
+        return 2
+    try:
+        check_writable_folder(args.output, "--output")
+        resolve(kwargs["pretrained"])  # an offline model that is not fetched: say how, before anything loads
     except ValueError as exc:
         report(str(exc))
         return 2

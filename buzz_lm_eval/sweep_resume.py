@@ -2,8 +2,8 @@
 
 The settings compared are the model args (model, dtype, cache name, budget, chunks ...), every
 setting the cache records in ``config.buzz_cache`` (so a changed default is noticed), the tasks,
-``--limit``, ``--gen_kwargs``, ``--apply_chat_template``, and samples when ``--log_samples`` asks
-for them. They are read from what lm-eval stores, plus the requested tasks from the sweep block.
+``--limit``, ``--gen_kwargs``, ``--apply_chat_template``, ``--metadata``, ``--system_instruction``,
+``--num_fewshot``, and samples when ``--log_samples`` asks for them. They are read from what lm-eval stores, plus the requested tasks from the sweep block.
 """
 
 from __future__ import annotations
@@ -37,8 +37,14 @@ def expected(model_args: str, cache: dict[str, Any], tasks: list[str], args: Any
     return {
         "model_args": parsed_args(model_args), "cache": cache, "tasks": sorted(tasks),
         "limit": normalised(args.limit), "gen_kwargs": parsed_args(args.gen_kwargs) or None,
-        "apply_chat_template": bool(args.apply_chat_template),
+        "apply_chat_template": bool(args.apply_chat_template), **prompt_settings(args),
     }
+
+
+def prompt_settings(args: Any) -> dict[str, Any]:
+    """The sweep options that change the prompts or the tasks' data (recorded in the sweep block)."""
+    return {"metadata": args.metadata or None, "system_instruction": args.system_instruction,
+            "num_fewshot": args.num_fewshot}
 
 
 def stored(data: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +57,8 @@ def stored(data: dict[str, Any]) -> dict[str, Any]:
         "cache": {key: value for key, value in cache.items() if key not in STAT_KEYS},
         "tasks": sorted(sweep.get("tasks") or top_level_tasks(data)), "limit": normalised(config.get("limit")),
         "gen_kwargs": parsed_args(config.get("gen_kwargs")) or None, "apply_chat_template": bool(chat),
+        # absent from files of sweeps that had no such option: None, which only a run without it matches
+        **{key: sweep.get(key) for key in ("metadata", "system_instruction", "num_fewshot")},
     }
 
 

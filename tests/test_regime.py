@@ -49,12 +49,14 @@ def test_after_prefill_compresses_once_then_grows_by_one_per_token(policy):
 def test_after_prefill_accumulates_scores_over_prefill_chunks():
     """h2o compressing after a chunked prompt keeps what it keeps after the same prompt in one forward."""
     model = tiny_model("llama", seed=2)
-    ids = random_batch([48])["input_ids"]
+    ids = random_batch([49])["input_ids"]
     whole = build_cache(model, "h2o", budget=20, evict="after_prefill")
-    model(input_ids=ids, past_key_values=whole)
+    model(input_ids=ids[:, :48], past_key_values=whole)
     chunked = build_cache(model, "h2o", budget=20, evict="after_prefill", prompt_length=48)
-    for part in ids.split(10, dim=1):
+    for part in ids[:, :48].split(10, dim=1):
         model(input_ids=part, past_key_values=chunked)
+    for cache in (whole, chunked):  # without a prompt length, the first one-token forward ends the prompt
+        model(input_ids=ids[:, 48:49], past_key_values=cache)
     for a, b in zip(whole.layers, chunked.layers):
         assert torch.equal(a.kept()[2], b.kept()[2])
         assert torch.allclose(a.state.scores, b.state.scores, atol=1e-5)
@@ -73,15 +75,17 @@ def test_every_forward_pyramid_holds_each_layer_to_its_own_budget():
 
 def test_knorm_keeps_the_lowest_key_norms_of_the_prompt():
     model = tiny_model("llama", seed=3)
-    ids = random_batch([30])["input_ids"]
+    ids = random_batch([31])["input_ids"]
     reference = build_cache(model, "full")
-    model(input_ids=ids, past_key_values=reference)
+    model(input_ids=ids[:, :30], past_key_values=reference)
     cache = build_cache(model, "knorm", capacity=10, positions="original")
-    model(input_ids=ids, past_key_values=cache)
+    model(input_ids=ids[:, :30], past_key_values=cache)
+    model(input_ids=ids[:, 30:], past_key_values=cache)  # the first one-token forward: the prompt is compressed
     for full, layer in zip(reference.layers, cache.layers):
         norms = full.keys.float().norm(dim=-1)[0]  # [H_kv, 30]
         expected = norms.argsort(dim=-1, stable=True)[:, :10].sort(dim=-1).values
-        assert torch.equal(layer.kept()[2][0], expected)
+        kept = layer.kept()[2][0]
+        assert torch.equal(kept[:, :10], expected) and bool((kept[:, 10] == 30).all())
 
 
 class RecordingSnapKV(SnapKVPolicy):
@@ -131,3 +135,33 @@ def test_bad_regime_is_named_before_the_model_is_touched(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_cache(model, "snapkv", budget=64, **kwargs)
     assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("policy", [*NEW, "h2o", "buzz"])
+def test_after_prefill_compresses_a_chunked_prompt_with_or_without_its_length(policy):
+    """``generate(prefill_chunk_size=...)`` without ``prompt_length``: the first one-token forward
+    ends the prefill, so the whole prompt is compressed, exactly as with the length given."""
+    model = tiny_model("llama", seed=3)
+    ids = random_batch([100, 100])["input_ids"]
+    outputs, kept = [], []
+    for prompt_length in (None, 100):
+        cache = build_cache(model, policy, budget=16, evict="after_prefill", prompt_length=prompt_length)
+        outputs.append(model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False,
+                                      prefill_chunk_size=32, pad_token_id=0))
+        kept.append([layer.kept()[2] for layer in cache.layers])
+        stats = cache.stats()
+        assert stats["prompt_tokens_compressed"] == 100 and stats["kept_tokens_after_compression"] < 100
+        assert stats["tokens_seen"] == 105  # compressed once, then the 5 decoded tokens were added
+        assert [layer.stored() for layer in cache.layers] == [layer.stats.compressed_tokens + 5 for layer in cache.layers]
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*kept))
+
+
+@pytest.mark.parametrize("prompt_length, message", [(150, "ended before it"), (50, "past it")])
+def test_a_prompt_length_that_disagrees_with_the_prompt_is_an_error(prompt_length, message):
+    model = tiny_model("llama", seed=3)
+    ids = random_batch([100])["input_ids"]
+    cache = build_cache(model, "snapkv", budget=16, evict="after_prefill", prompt_length=prompt_length)
+    with pytest.raises(ValueError, match=f"prompt_length={prompt_length} disagrees with the prompt: .*{message}"):
+        model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, prefill_chunk_size=32,
+                       pad_token_id=0)

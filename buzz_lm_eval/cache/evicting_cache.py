@@ -70,6 +70,7 @@ class EvictingCache(Cache):
         if not layers:
             return {"tokens_seen": 0, "kept_tokens_peak": 0, "kept_tokens_mean": 0.0, "kv_bytes_peak": 0,
                     "kv_bytes_mean": 0.0, "kv_bytes_allocated_peak": 0, "compression_ratio": 1.0, "evict_seconds": 0.0, "forwards": 0,
+                    "prompt_tokens_compressed": 0.0, "kept_tokens_after_compression": 0.0,
                     "kept_tokens_peak_per_layer": [0] * len(self.layers)}
         seen = max(layer.seen for layer in layers)
         peak_bytes = sum(layer.stats.peak_tokens * layer.stats.bytes_per_token for layer in layers)
@@ -85,6 +86,9 @@ class EvictingCache(Cache):
             "compression_ratio": full_bytes / peak_bytes if peak_bytes else 1.0,
             "evict_seconds": sum(layer.stats.evict_seconds for layer in layers),
             "forwards": layers[0].stats.forwards,
+            # after_prefill: per row, tokens held when the prompt was compressed and right after (0 if never)
+            "prompt_tokens_compressed": sum(layer.stats.prompt_tokens for layer in layers) / len(layers),
+            "kept_tokens_after_compression": sum(layer.stats.compressed_tokens for layer in layers) / len(layers),
             "kept_tokens_peak_per_layer": [layer.stats.peak_tokens for layer in self.layers],
         }
 

@@ -48,6 +48,7 @@ class EvictingLayer(DynamicLayer):
         self.state = policy.new_state()
         self.sliding_window = sliding_window
         self.seen = 0
+        self.pending: torch.Tensor | None = None  # scores of the last forward before a deferred compression
         self.evicted = False  # stored slots no longer equal the seen sequence
         self.padded = False  # some stored slot is padding (position -1)
         self.store: SlotStore | None = None
@@ -75,6 +76,9 @@ class EvictingLayer(DynamicLayer):
         if self.group is not None:
             self.group.settle(self)  # a forward that ended before its last layer left this drop deferred
         before, new = self.stored(), key_states.shape[-2]
+        if self.schedule.compress_first(self.seen, new):
+            self.compress_pending()
+            before = self.stored()
         keys, values = self._append(key_states, value_states) if self.policy.evicts else super().update(key_states, value_states)
         self.positions = torch.cat([self.positions, self._span(self.seen, new, self.positions)], dim=-1)
         if self.order is not None:
@@ -86,7 +90,7 @@ class EvictingLayer(DynamicLayer):
         self.stats.peak_tokens = max(self.stats.peak_tokens, keys.shape[-2])
         allocated = self.store.nbytes() if self.store is not None else keys.untyped_storage().nbytes() * 2
         self.stats.allocated_bytes_peak = max(self.stats.allocated_bytes_peak, allocated)
-        self.phase = self.schedule.phase(self.seen)
+        self.phase = self.schedule.phase(self.seen, new)
         if self.policy.evicts:
             offer_layer(self)  # the attention function evicts after this layer's attention
         else:
@@ -130,6 +134,7 @@ class EvictingLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.state, self.seen, self.positions, self.key_norms = self.policy.new_state(), 0, None, None
+        self.pending = None
         self.store = self.order = None
         if self.shift is not None:
             self.shift.reset()
@@ -153,6 +158,7 @@ class EvictingLayer(DynamicLayer):
             self.positions = self.positions[indices]
             self.order = None if self.order is None else self.order[indices]
             self.key_norms = None if self.key_norms is None else self.key_norms[indices]
+            self.pending = None if self.pending is None else self.pending[indices]
             self.state.select_batch(indices)
             if self.shift is not None:
                 self.shift.select_batch(indices)
@@ -194,7 +200,10 @@ class EvictingLayer(DynamicLayer):
         """Whether this forward's attention probabilities are used (the policy's query window of them)."""
         if self.policy.signal != "attention":
             return False
-        return self.phase == "evict" or (self.phase == "observe" and self.policy.accumulates)
+        if self.phase == "evict":
+            return True
+        # before a deferred compression: accumulate, or keep the last forward's (no prompt length)
+        return self.phase == "observe" and (self.policy.accumulates or self.schedule.prompt_length is None)
 
     def align_query(self, query: torch.Tensor, classed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The queries as the stored keys expect them (``shifted`` keys may lag) and the slots' lag runs
@@ -245,8 +254,25 @@ class EvictingLayer(DynamicLayer):
         if self.phase != "evict":
             self.defer(self.ordered(scores))
             return
-        if self.group is None or not self.group.defer(self, scores):
+        if self.schedule.mode == "after_prefill":
+            self.compress(self.ordered(scores))
+        elif self.group is None or not self.group.defer(self, scores):
             self.evict_now(self.ordered(scores))
+
+    def compress(self, scores: torch.Tensor | None) -> None:
+        """The one eviction of ``after_prefill``, with the tokens held before and after it recorded."""
+        before = self.stored()
+        self.evict_now(scores)
+        self.stats.compressed(before, self.stored())
+
+    def compress_pending(self) -> None:
+        """``after_prefill`` without a prompt length: the prompt ended with the previous forward, so
+        compress now, with the scores it left (accumulating policies hold theirs in their state)."""
+        self.schedule.mark_compressed()
+        scores, self.pending = self.pending, None
+        if scores is None and self.policy.signal == "attention" and self.keys is not None:
+            scores = self.keys.new_zeros(*self.keys.shape[:2], self.stored(), dtype=torch.float32)
+        self.compress(scores)
 
     def evict_now(self, scores: torch.Tensor | None) -> None:
         """This forward's eviction (``scores`` in original order): one dropped token, or the
@@ -384,6 +410,8 @@ class EvictingLayer(DynamicLayer):
         """A forward that does not evict (after_prefill): accumulate scores before the compression."""
         if self.phase == "observe":
             self.policy.observe(self.state, None if scores is None else scores.unsqueeze(2))
+            if not self.policy.accumulates:
+                self.pending = scores  # the last prompt forward's scores, for ``compress_pending``
         self.stats.count_forward(self.stored())
 
 

@@ -20,6 +20,11 @@ class LayerStats:
     allocated_bytes_peak: int = 0  # bytes of the key/value buffers, spare capacity included
     evict_seconds: float = 0.0
     sync: bool = False
+    prompt_tokens: int = 0  # after_prefill: tokens held when the prompt was compressed ...
+    compressed_tokens: int = 0  # ... and right after
+
+    def compressed(self, before: int, after: int) -> None:
+        self.prompt_tokens, self.compressed_tokens = before, after
 
     def count_forward(self, kept: int) -> None:
         self.forwards += 1

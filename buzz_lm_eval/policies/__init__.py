@@ -29,6 +29,7 @@ POLICIES: dict[str, type[Policy]] = {
                 SnapKVPolicy, PyramidKVPolicy, TOVAPolicy, KnormPolicy, RandomPolicy)
 }
 POLICY_NAMES = tuple(POLICIES)
+MIN_BUDGET = 2
 
 
 def policy_keys(name: str) -> tuple[str, ...]:
@@ -63,6 +64,9 @@ def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
     if budget is None:
         return cls(**sizes)
     budget = integral(name, "budget", budget)
+    if budget < MIN_BUDGET:
+        raise ValueError(f"{name}: budget must be an integer >= {MIN_BUDGET}, got {budget} (a decode step holds "
+                         "the kept tokens and the new one, so at least one token must be kept)")
     policy = cls.from_budget(budget, **sizes)
     policy.budget = budget  # a guarantee: the cache repeats eviction rounds until it holds
     return policy

@@ -37,6 +37,12 @@ class PolicyState:
     ragged: bool = False  # the last kept indices front-fill some row (it keeps fewer than the widest)
     n_old_all: int | None = None  # n_old when every row has the same one (the fast path)
     forwards: int = 0  # steps taken so far (policies whose choice varies per step, e.g. random)
+    idle: torch.Tensor | None = None  # [B] steps at which the row held padding only (before its prompt starts)
+
+    def real_steps(self) -> int | torch.Tensor:
+        """Steps at which each row held a real token: the same for a prompt alone and in any
+        left-padded batch (``forwards`` also counts the forwards of padding only)."""
+        return self.forwards if self.idle is None else self.forwards - self.idle.view(-1, 1, 1)
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (or reorder) batch rows, for beam search and batch pruning."""
@@ -162,6 +168,8 @@ class Policy:
         if mask is None and (state.n_old is None or state.n_old_all is not None):
             return self._step_uniform(state, batch, heads, length, current, device)
         inp = _geometry(batch, heads, length, mask, device)
+        empty = (inp.n.view(-1) == 0).long()
+        state.idle = empty if state.idle is None else state.idle + empty
         selection = self.select(state, inp, current)
         if selection is None:
             state.n_real = inp.n.view(-1)

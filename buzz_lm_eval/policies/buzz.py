@@ -69,9 +69,16 @@ class BuzzPolicy(Policy):
             )
 
     def worst_middle_after_eviction(self) -> int:
-        """Largest middle size an eviction can leave when it fires at ``threshold + 1`` tokens."""
-        m, r, s = self.threshold + 1, self.thin, self.stride
-        return max(-(-old // r) + -(-(m - old) // s) for old in range(0, m))
+        """Largest middle size an eviction can leave when it fires at ``threshold + 1`` tokens.
+
+        With ``old`` earlier samples among the ``m = threshold + 1``, ``ceil(old / thin) +
+        ceil((m - old) / stride)`` remain. Moving ``stride`` tokens from fresh to old adds at least
+        one sample (``thin <= stride``) and removes one segment, so the largest value lies among
+        the last ``stride`` values of ``old``, where one segment is left: ``ceil((m - 1) / thin) + 1``
+        (closed form: no loop over the threshold, whatever its size).
+        """
+        m = self.threshold + 1
+        return -(-(m - 1) // self.thin) + 1
 
     def max_chunk(self) -> int:
         """Largest forward after which one eviction brings the middle back to ``<= threshold``.

@@ -40,11 +40,17 @@ def mix64_int(value: int) -> int:
     return value ^ (value >> 31)
 
 
-def uniform_scores(rel: torch.Tensor, *keys: int) -> torch.Tensor:
-    """Pseudo-random float64 in [0, 1) per slot, a pure function of ``keys`` and the slot index ``rel``."""
+def uniform_scores(rel: torch.Tensor, *keys: int, step: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Pseudo-random float64 in [0, 1) per slot, a pure function of ``keys``, the slot index ``rel``
+    and ``step`` (an int, or one per row as a [B, 1, 1] tensor, mixed in last)."""
     key = 0
     for part in keys:
         key = mix64_int((key * _GOLDEN + part + 1) & _U64)
+    if isinstance(step, int):
+        key = mix64_int((key * _GOLDEN + step + 1) & _U64)
+    elif step is not None:  # one key per row
+        mixed_key = mix64(step.to(torch.long) + (_signed((key * _GOLDEN + 1) & _U64)))
+        return _shift(mix64(rel.to(torch.long) * GOLDEN + mixed_key), 11).to(torch.float64) / float(1 << 53)
     mixed = mix64(rel.to(torch.long) * GOLDEN + _signed(key))
     return _shift(mixed, 11).to(torch.float64) / float(1 << 53)
 
@@ -53,7 +59,8 @@ class RandomPolicy(RankedPolicy):
     """Once a layer holds more than ``capacity`` tokens, keep a uniformly random ``capacity`` of them.
 
     The choice is one set per batch row, shared by the layer's heads, drawn from a hash of
-    (``seed``, layer, step number, the slot's index within its row): the same for a prompt alone
+    (``seed``, layer, the row's step number counting only steps at which it held a real token, the
+    slot's index within its row): the same for a prompt alone
     or in a padded batch, on CPU and CUDA, and free of any global random state. Compare with
     kvpress's ``RandomPress`` (which draws per head). Default regime: once after the prompt,
     like the prefill-compression methods it controls for; under ``evict=every_forward`` each
@@ -76,4 +83,4 @@ class RandomPolicy(RankedPolicy):
         return layer
 
     def ranking(self, state, current, rel):
-        return uniform_scores(rel, self.seed, self.layer, state.forwards)
+        return uniform_scores(rel, self.seed, self.layer, step=state.real_steps())
