@@ -20,8 +20,8 @@ import torch
 import transformers
 
 from buzz_lm_eval.cache import build_cache  # noqa: F401  (scripts importing this module use it)
-from buzz_lm_eval.files import write_atomic
-from buzz_lm_eval.machine import hardware
+from buzz_lm_eval.harness.files import write_atomic
+from buzz_lm_eval.report.machine import hardware
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 
 import bench_targets as targets

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from buzz_lm_eval.cache import EvictingCache, build_cache
-from buzz_lm_eval.compat import cache_kwargs
+from buzz_lm_eval.cache.compat import cache_kwargs
 from buzz_lm_eval.policies import build_policy
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")

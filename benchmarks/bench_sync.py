@@ -8,7 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from buzz_lm_eval.cache import build_cache
-from buzz_lm_eval.compat import cache_kwargs
+from buzz_lm_eval.cache.compat import cache_kwargs
 
 from bench_run import decode, prefill
 

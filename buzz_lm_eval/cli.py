@@ -7,7 +7,6 @@ this package's tasks on the include path; the subcommands below add what lm-eval
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib
 import importlib.util
@@ -15,11 +14,11 @@ import sys
 from pathlib import Path
 
 SUBCOMMANDS = {
-    "models": "buzz_lm_eval.offline_models",
+    "models": "buzz_lm_eval.harness.offline_models",
     "demo": "buzz_lm_eval.demo",
-    "sweep": "buzz_lm_eval.sweep",
-    "leaderboard": "buzz_lm_eval.leaderboard",
-    "longbench-export": "buzz_lm_eval.longbench",
+    "sweep": "buzz_lm_eval.report.sweep",
+    "leaderboard": "buzz_lm_eval.report.leaderboard",
+    "longbench-export": "buzz_lm_eval.harness.longbench",
 }
 LM_EVAL_COMMANDS = {
     "run": "evaluate: lm-eval's own options (`buzz-lm-eval run --help`); `run` may be left out",
@@ -56,22 +55,6 @@ def usage() -> str:
     ])
 
 
-def check_buzz_model_args(argv: list[str]) -> None:
-    """With ``--model buzz_hf``, run buzz_hf's checks on ``--model_args`` (parsed as lm-eval parses them)."""
-    try:
-        from lm_eval._cli.utils import MergeDictAction
-    except ImportError:  # another lm-eval layout: buzz_hf still checks everything when it is built
-        return
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--model", "-M")
-    parser.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction)
-    known, _ = parser.parse_known_args(argv)
-    if known.model == "buzz_hf":
-        from buzz_lm_eval.hflm import check_parsed_model_args
-
-        check_parsed_model_args(known.model_args or {})
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -80,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in SUBCOMMANDS:
         module = importlib.import_module(SUBCOMMANDS[argv[0]])
         return int(module.main(argv[1:]) or 0)
-    from buzz_lm_eval.harness import run_lm_eval_cli
+    from buzz_lm_eval.harness.lm_eval_cli import run_lm_eval_cli
+    from buzz_lm_eval.harness.model_args import check_buzz_model_args
 
     try:
         check_buzz_model_args(argv)

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .cache import build_cache
-from .compat import cache_kwargs
-from .offline_models import resolve
-from .paths import DEFAULT_MODEL_DIR
+from .cache.compat import cache_kwargs
+from .harness.offline_models import resolve
+from .harness.paths import DEFAULT_MODEL_DIR
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She had a red ball and a small dog."
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
+from buzz_lm_eval.harness.paths import DEFAULT_MODEL_DIR
 
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -66,7 +66,7 @@ def eager_logits_and_probs(model, ids):
 @pytest.fixture
 def attention_calls(monkeypatch):
     """The query counts of every one-pass attention-with-scores call made while the test runs."""
-    from buzz_lm_eval import attention
+    from buzz_lm_eval.cache import attention
 
     calls, real = [], attention.attention_with_scores
     monkeypatch.setattr(attention, "attention_with_scores", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
@@ -77,7 +77,7 @@ def load_task_module(relative: str, name: str):
     """A module of this package's task folder (task utils are files, not an importable package)."""
     import importlib.util
 
-    from buzz_lm_eval.paths import tasks_dir
+    from buzz_lm_eval.harness.paths import tasks_dir
 
     spec = importlib.util.spec_from_file_location(name, tasks_dir() / relative)
     module = importlib.util.module_from_spec(spec)

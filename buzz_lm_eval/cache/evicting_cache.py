@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from transformers.cache_utils import Cache
 
-from ..architectures import layer_windows
-from ..attention import prepare_model
-from ..mask_reads import forget
+from .architectures import layer_windows
+from .attention import prepare_model
+from .mask_reads import forget
 from ..policies import Policy, build_policy
-from ..positions import KeyRotation, check_positions, key_rotations
-from ..regime import Schedule, check_regime
+from .positions import KeyRotation, check_positions, key_rotations
+from .regime import Schedule, check_regime
 from .layer import ONE_CACHE, EvictingLayer
 from .layer_group import group_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class EvictingCache(Cache):
@@ -64,7 +69,7 @@ class EvictingCache(Cache):
             raise ValueError(f"EvictingCache: this cache has already seen {self.get_seq_length()} tokens; {ONE_CACHE}")
         self._handed_to_generate = value
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int | float | list[int]]:
         """Whole-run statistics as plain ints and floats (see README for definitions)."""
         layers = [layer for layer in self.layers if layer.stats.forwards]
         if not layers:
@@ -94,7 +99,7 @@ class EvictingCache(Cache):
 
 
 def build_cache(
-    model,
+    model: PreTrainedModel,
     policy: str | Policy = "buzz",
     *,
     positions: str | None = None,
@@ -102,7 +107,7 @@ def build_cache(
     prompt_length: int | None = None,
     sync_timing: bool = False,
     batch_layers: bool = True,
-    **policy_args,
+    **policy_args: int | float | str | None,
 ) -> EvictingCache:
     """A fresh evicting cache for one batch of requests to ``model`` (prepared once for score capture).
 

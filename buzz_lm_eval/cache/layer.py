@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..attention import offer_layer
-from ..mask_reads import PLAIN_CAUSAL, plain_causal, remember
+from .attention import offer_layer
 from ..policies import Policy
 from ..policies.base import all_but, real_slots
-from ..positions import KeyRotation, evicted_after
-from ..regime import Schedule
+from .positions import KeyRotation, evicted_after
+from .regime import Schedule
 from .layer_stats import LayerStats
 from .shifted_keys import LAG_CLASSES, ShiftedKeys
-from .slots import SlotStore, last_into, rows_with, tail_moves
+from .slots import SlotStore, broadcast_over_heads, last_into, rows_with, tail_moves
+from .visibility import visible_mask
 
 ONE_CACHE = "an evicting cache serves one generate call (build a new one with build_cache, or call cache.reset())"
 
@@ -214,32 +214,8 @@ class EvictingLayer(DynamicLayer):
         return self.shift.align_query(query, self.keys, classed, self.seen)
 
     def visibility(self, library_mask: torch.Tensor | None, q: int, scored: bool = False) -> torch.Tensor | None:
-        """[B, 1|H, q, L] bool mask of what the new queries may see (library mask until evicted).
-
-        The new tokens occupy the last ``q`` slots in order; earlier slots are visible by position.
-        ``scored``: the mask goes to the score kernel, which asks whether it is plain causal; the
-        answer is then recorded from the library mask's, without reading the new mask.
-        """
-        if not self.evicted:
-            return library_mask
-        if q == 1 and not self.padded and self.sliding_window is None:
-            return None  # a single query sees every stored token
-        past = self.positions[..., : self.stored() - q]
-        allowed = (past >= 0).unsqueeze(2)
-        if self.sliding_window is not None:
-            query_pos = torch.arange(self.seen - q, self.seen, device=self.device).view(1, 1, q, 1)
-            allowed = allowed & (past.unsqueeze(2) > query_pos - self.sliding_window)
-        batch, heads = past.shape[:2]
-        allowed = allowed.expand(batch, heads, q, past.shape[-1])
-        if library_mask is None:
-            new = torch.ones(q, q, dtype=torch.bool, device=self.device).tril().expand(batch, heads, q, q)
-        else:
-            new = library_mask[..., -q:].expand(batch, heads, q, q)
-        visible = torch.cat([allowed, new], dim=-1)
-        if scored and not self.padded and self.sliding_window is None:  # every stored slot visible
-            if library_mask is None or plain_causal(library_mask):  # and the new block causal
-                remember(visible, PLAIN_CAUSAL, True)  # the kernel's question, answered without a read
-        return visible
+        """What the new queries may see (``visible_mask``: the library mask until evicted)."""
+        return visible_mask(self, library_mask, q, scored)
 
     def evict(self, scores: torch.Tensor | None, query_valid: torch.Tensor | None) -> None:
         """Mark padding among the new tokens, run the policy (repeated under a budget), compact.
@@ -419,7 +395,3 @@ def key_norms(keys: torch.Tensor) -> torch.Tensor:
     """[B, H, L] float32 L2 norms of the stored keys (the ``key_norm`` signal)."""
     return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
 
-
-def broadcast_over_heads(keep: torch.Tensor) -> bool:
-    """Whether ``keep`` [B, H, K] is one list broadcast to every row and head (a policy's shared pick)."""
-    return all(size == 1 or stride == 0 for size, stride in zip(keep.shape[:2], keep.stride()[:2]))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..policies.base import cached_arange
-from ..positions import KeyRotation
+from .positions import KeyRotation
 from .slots import last_into
 
 LAG_CLASSES = 2  # runs of kept keys, each with its own lag, in a decode step with scores

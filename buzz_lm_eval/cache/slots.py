@@ -149,3 +149,8 @@ def rows_with(mask: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Ten
     """[.., width]: per row, the first ``counts`` indices where ``mask`` is True (then index 0)."""
     rank = mask.cumsum(-1) - 1
     return _ranked(mask & (rank < counts.unsqueeze(-1)), width, 0, 0)
+
+
+def broadcast_over_heads(keep: torch.Tensor) -> bool:
+    """Whether ``keep`` [B, H, K] is one list broadcast to every row and head (a policy's shared pick)."""
+    return all(size == 1 or stride == 0 for size, stride in zip(keep.shape[:2], keep.stride()[:2]))

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from ..suggest import did_you_mean
+from .suggest import did_you_mean
 from .base import Policy, PolicyState, integral, whole
 from .buzz import BuzzPolicy
 from .buzz_fast import BuzzFastPolicy
@@ -29,6 +29,9 @@ POLICIES: dict[str, type[Policy]] = {
                 SnapKVPolicy, PyramidKVPolicy, TOVAPolicy, KnormPolicy, RandomPolicy)
 }
 POLICY_NAMES = tuple(POLICIES)
+# every policy's own parameters (its ``params``), in registry order: the keys besides ``budget`` that
+# the harness accepts and passes to ``build_policy``, so a new policy needs nothing outside this package
+POLICY_PARAMS: tuple[str, ...] = tuple(dict.fromkeys(key for cls in POLICIES.values() for key in cls.params))
 MIN_BUDGET = 2
 
 
@@ -46,7 +49,7 @@ def policy_class(name: str) -> type[Policy]:
     return POLICIES[name]
 
 
-def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
+def build_policy(name: str, budget: int | float | None = None, **sizes: int | float | str | None) -> Policy:
     """Build a policy from explicit sizes, or derive its sizes from one KV-token ``budget``.
 
     Sizes and budget are integers; floats with an integral value (as lm-eval's CLI parses ``-5``)
@@ -72,4 +75,6 @@ def build_policy(name: str, budget: int | None = None, **sizes) -> Policy:
     return policy
 
 
-__all__ = ["POLICIES", "POLICY_NAMES", "Policy", "PolicyState", "build_policy", "policy_class", "policy_keys"]
+__all__ = [
+    "POLICIES", "POLICY_NAMES", "POLICY_PARAMS", "Policy", "PolicyState", "build_policy", "policy_class", "policy_keys",
+]

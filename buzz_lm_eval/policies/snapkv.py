@@ -95,7 +95,7 @@ def window_mean(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 
     torch's pooling kernel adds each window's terms left to right in the input's float type and
     divides the sum by ``kernel`` (padding counts as 0); so do ``kernel`` shifted adds, in about
-    half the time on CPU for a decode step's few rows (``tests/test_policies_prefill.py`` checks
+    half the time on CPU for a decode step's few rows (``tests/policies/test_policies_prefill.py`` checks
     the equality). Other dtypes (a wider accumulator) go to the library.
     """
     if scores.dtype not in (torch.float32, torch.float64):

@@ -15,7 +15,7 @@ import string
 
 import datasets
 
-from buzz_lm_eval.datasets import drop_invalid, missing_text
+from buzz_lm_eval.harness.datasets import drop_invalid, missing_text
 
 NUM_DOCUMENTS = 10
 INSTRUCTION = (

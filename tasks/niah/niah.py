@@ -25,8 +25,8 @@ from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
-from buzz_lm_eval.datasets import wikitext2_test
-from buzz_lm_eval.paths import DEFAULT_MODEL_DIR
+from buzz_lm_eval.harness.datasets import wikitext2_test
+from buzz_lm_eval.harness.paths import DEFAULT_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 

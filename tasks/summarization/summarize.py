@@ -11,7 +11,7 @@ from functools import lru_cache
 import datasets
 from rouge_score import rouge_scorer
 
-from buzz_lm_eval.datasets import drop_invalid, missing_text
+from buzz_lm_eval.harness.datasets import drop_invalid, missing_text
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 

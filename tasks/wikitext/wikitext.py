@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datasets
 
-from buzz_lm_eval.datasets import drop_invalid, missing_text
+from buzz_lm_eval.harness.datasets import drop_invalid, missing_text
 
 
 def docs(dataset: datasets.Dataset) -> datasets.Dataset:

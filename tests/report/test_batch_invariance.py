@@ -1,0 +1,74 @@
+"""The batch size never changes a result: a sweep of every policy at batch sizes 1, 3 and 8 gives the
+same samples and metrics on summarisation, 10-document QA and WikiText (log-likelihood), and the
+stock ``lm_eval`` CLI gives the same generations at batch 1 and 8."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from buzz_lm_eval.policies import POLICY_NAMES
+
+from ..conftest import run_lm_eval
+
+TASKS = "buzz_xsum_smoke,buzz_10qa_smoke_gold4,buzz_wikitext_smoke"
+
+
+def sweep(tmp_path: Path, batch_size: int) -> Path:
+    """One sweep of every policy at budget 64 on the shipped model, with samples."""
+    out = tmp_path / f"bs{batch_size}"
+    script = Path(sys.executable).with_name("buzz-lm-eval")
+    cmd = [str(script), "sweep", "--model_args", f"batch_size={batch_size},device=cpu", "--policies",
+           ",".join(POLICY_NAMES), "--budgets", "64", "--tasks", TASKS, "--limit", "5", "--log_samples",
+           "--output", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def outcomes(out: Path) -> dict:
+    """Per run: every task's metrics and every sample's responses and filtered answers."""
+    found = {}
+    for run_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        [results] = run_dir.glob("results_*.json")
+        metrics = json.loads(results.read_text())["results"]
+        samples = {}
+        for path in sorted(run_dir.glob("samples_*.jsonl")):
+            task = path.name.split("_20")[0]
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            samples[task] = sorted((row["doc_id"], json.dumps(row["resps"]), json.dumps(row["filtered_resps"]))
+                                   for row in rows)
+        found[run_dir.name] = (metrics, samples)
+    return found
+
+
+@pytest.mark.slow
+def test_a_sweep_of_every_policy_gives_the_same_results_at_batch_sizes_1_3_and_8(tmp_path):
+    reference = outcomes(sweep(tmp_path, 1))
+    assert len(reference) == len(POLICY_NAMES)  # full runs once, each other policy at budget 64
+    for batch_size in (3, 8):
+        other = outcomes(sweep(tmp_path, batch_size))
+        assert other.keys() == reference.keys()
+        for run, (metrics, samples) in reference.items():
+            assert other[run][1] == samples, (run, batch_size)
+            assert other[run][0] == metrics, (run, batch_size)
+
+
+def generations(tmp_path: Path, batch_size: int, cache_args: str) -> list:
+    path, _ = run_lm_eval(tmp_path / str(batch_size), "buzz_hf", cache_args, "buzz_xsum_smoke", limit=6,
+                          extra=("--batch_size", str(batch_size), "--log_samples"))
+    [samples] = path.parent.glob("samples_*.jsonl")
+    return sorted((row["doc_id"], row["resps"]) for row in map(json.loads, samples.read_text().splitlines()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_args", ["cache=buzz,budget=64", "cache=h2o,budget=64,prefill_chunk=24",
+                                        "cache=random,budget=64,evict=every_forward"])
+def test_the_lm_eval_cli_generates_the_same_at_batch_1_and_8(tmp_path, cache_args):
+    assert generations(tmp_path, 1, cache_args) == generations(tmp_path, 8, cache_args)
