@@ -16,25 +16,40 @@ import os
 import statistics
 import time
 
+import bench_targets as targets
 import torch
 import transformers
-
-from buzz_lm_eval.cache import build_cache  # noqa: F401  (scripts importing this module use it)
-from buzz_lm_eval.harness.files import write_atomic
-from buzz_lm_eval.report.machine import hardware
-from buzz_lm_eval.policies import POLICY_NAMES, build_policy
-
-import bench_targets as targets
 from bench_run import (  # noqa: F401  (prefill, decode, sync: for scripts importing this module)
-    SHAPES, Spec, add_ratios, best_prefills, decode, load_model, policy_specs, prefill, regime_of, run_case, run_cases,
+    SHAPES,
+    Spec,
+    add_ratios,
+    best_prefills,
+    decode,
+    load_model,
+    policy_specs,
+    prefill,
+    regime_of,
+    run_case,
+    run_cases,
     sync,
 )
 from bench_selection import selection_bench, selection_markdown
 from bench_sync import sync_check, sync_markdown
 
+from buzz_lm_eval.cache import build_cache  # noqa: F401  (scripts importing this module use it)
+from buzz_lm_eval.harness.files import write_atomic
+from buzz_lm_eval.policies import POLICY_NAMES, build_policy
+from buzz_lm_eval.report.machine import hardware
+
 DEFAULTS = {"lengths": [1024, 4096, 16384], "budgets": [256, 1024], "steps": 64, "decode_context": 4096, "repeats": 3}
 QUICK = {"lengths": [1024, 4096], "budgets": [256], "steps": 8, "decode_context": 1024, "repeats": 1}
-CUDA = {"lengths": [4096, 16384, 32768], "budgets": [512, 1024, 2048], "steps": 32, "decode_context": 4096, "repeats": 2}
+CUDA = {
+    "lengths": [4096, 16384, 32768],
+    "budgets": [512, 1024, 2048],
+    "steps": 32,
+    "decode_context": 4096,
+    "repeats": 2,
+}
 TARGET_BUDGET = 1024  # the decode section's budget when the run has it
 DEEP = "deep"  # with the tiny main model, the grouped-drops section also runs this 16-layer shape
 
@@ -43,20 +58,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), help="default: float32 on cpu, bfloat16 on cuda"
+    )
     p.add_argument("--shape", choices=tuple(SHAPES), help="random Llama shape (default: tiny on cpu, llama1b on cuda)")
-    p.add_argument("--evict", choices=("every_forward", "after_prefill", "default"), default="every_forward",
-                   help="eviction regime of the main table (default: every_forward; 'default': each policy's own)")
+    p.add_argument(
+        "--evict",
+        choices=("every_forward", "after_prefill", "default"),
+        default="every_forward",
+        help="eviction regime of the main table (default: every_forward; 'default': each policy's own)",
+    )
     p.add_argument("--lengths", type=ints, help=f"context lengths of the main table (default {DEFAULTS['lengths']})")
-    p.add_argument("--budgets", type=ints, help=f"KV-token budgets of non-full policies (default {DEFAULTS['budgets']})")
+    p.add_argument(
+        "--budgets", type=ints, help=f"KV-token budgets of non-full policies (default {DEFAULTS['budgets']})"
+    )
     p.add_argument("--steps", type=int, help=f"timed decode steps per case (default {DEFAULTS['steps']})")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
-    p.add_argument("--decode-context", type=int, dest="decode_context",
-                   help=f"context of the decode section and the amortised table (default {DEFAULTS['decode_context']})")
-    p.add_argument("--repeats", type=int,
-                   help=f"side-by-side runs of the prefill section (best kept) and of each decode-section pair "
-                        f"(median kept) (default {DEFAULTS['repeats']})")
+    p.add_argument(
+        "--decode-context",
+        type=int,
+        dest="decode_context",
+        help=f"context of the decode section and the amortised table (default {DEFAULTS['decode_context']})",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help=f"side-by-side runs of the prefill section (best kept) and of each decode-section pair "
+        f"(median kept) (default {DEFAULTS['repeats']})",
+    )
     p.add_argument("--policies", type=lambda t: t.split(","), default=list(POLICY_NAMES), help="main table's policies")
     p.add_argument("--pretrained", help="load this model instead of a random Llama")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -70,8 +100,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.policies) - set(POLICY_NAMES))
     if unknown:
         p.error(f"unknown policies {unknown}; valid: {', '.join(POLICY_NAMES)}")
-    sizes = {"--lengths": args.lengths, "--budgets": args.budgets, "--steps": [args.steps], "--chunk": [args.chunk],
-             "--decode-context": [args.decode_context], "--warmup": [args.warmup + 1], "--repeats": [args.repeats]}
+    sizes = {
+        "--lengths": args.lengths,
+        "--budgets": args.budgets,
+        "--steps": [args.steps],
+        "--chunk": [args.chunk],
+        "--decode-context": [args.decode_context],
+        "--warmup": [args.warmup + 1],
+        "--repeats": [args.repeats],
+    }
     for option, values in sizes.items():
         if not values or min(values) < 1:
             p.error(f"{option} needs positive integers, got {values}")
@@ -92,24 +129,43 @@ def machine_header(device: str) -> list[str]:
     if device == "cuda":
         lines.append(f"- GPU: {hw['cuda_device']}")
     if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
-        lines.append("- **warning: the machine is busy; CPU timings will be noisy (try --threads 1 or an idle machine)**")
+        lines.append(
+            "- **warning: the machine is busy; CPU timings will be noisy (try --threads 1 or an idle machine)**"
+        )
     return lines
 
 
 COLUMNS = [  # (header, key, format)
-    ("model", "model", "{}"), ("policy", "policy", "{}"), ("evict", "evict", "{}"), ("budget", "budget", "{}"),
-    ("context", "length", "{}"), ("prefill s", "prefill_s", "{:.2f}"), ("step ms p50", "step_ms_median", "{:.2f}"),
-    ("step ms", "step_ms", "{:.2f}"), ("evict ms/step", "evict_ms", "{:.3f}"), ("evict %", "evict_share_pct", "{:.1f}"),
-    ("evictions", "evictions", "{}"), ("peak tok prefill", "peak_tokens_prefill", "{}"),
-    ("peak tok decode", "peak_tokens_decode", "{:.0f}"), ("<= budget", "within_budget", "{}"),
-    ("KV MiB (counters)", "kv_bytes_peak", "{}"), ("resident KV MiB", "kv_resident_peak", "{}"),
-    ("bound MiB", "kv_bound", "{}"), ("<= bound", "within_bound", "{}"),
-    ("compression", "compression_ratio", "{:.1f}x"), ("prefill x full", "prefill_x_full", "{:.2f}"),
-    ("decode speed x full", "decode_x_full", "{:.2f}"), ("full@N step ms p50", "ref_step_ms_median", "{:.2f}"),
-    ("step x full@N", "step_x_ref", "{:.3f}"), ("step x full@N, each run", "step_x_ref_runs", "{:.3f}"),
-    ("evict %, each run", "evict_share_runs", "{:.1f}"), ("runs (best kept)", "repeats", "{}"),
-    ("slowest run %", "prefill_spread_pct", "+{:.0f}"), ("drops", "drops", "{}"),
-    ("evict x layer by layer", "evict_x_alone", "{:.2f}"), ("step x layer by layer", "step_x_alone", "{:.3f}"),
+    ("model", "model", "{}"),
+    ("policy", "policy", "{}"),
+    ("evict", "evict", "{}"),
+    ("budget", "budget", "{}"),
+    ("context", "length", "{}"),
+    ("prefill s", "prefill_s", "{:.2f}"),
+    ("step ms p50", "step_ms_median", "{:.2f}"),
+    ("step ms", "step_ms", "{:.2f}"),
+    ("evict ms/step", "evict_ms", "{:.3f}"),
+    ("evict %", "evict_share_pct", "{:.1f}"),
+    ("evictions", "evictions", "{}"),
+    ("peak tok prefill", "peak_tokens_prefill", "{}"),
+    ("peak tok decode", "peak_tokens_decode", "{:.0f}"),
+    ("<= budget", "within_budget", "{}"),
+    ("KV MiB (counters)", "kv_bytes_peak", "{}"),
+    ("resident KV MiB", "kv_resident_peak", "{}"),
+    ("bound MiB", "kv_bound", "{}"),
+    ("<= bound", "within_bound", "{}"),
+    ("compression", "compression_ratio", "{:.1f}x"),
+    ("prefill x full", "prefill_x_full", "{:.2f}"),
+    ("decode speed x full", "decode_x_full", "{:.2f}"),
+    ("full@N step ms p50", "ref_step_ms_median", "{:.2f}"),
+    ("step x full@N", "step_x_ref", "{:.3f}"),
+    ("step x full@N, each run", "step_x_ref_runs", "{:.3f}"),
+    ("evict %, each run", "evict_share_runs", "{:.1f}"),
+    ("runs (best kept)", "repeats", "{}"),
+    ("slowest run %", "prefill_spread_pct", "+{:.0f}"),
+    ("drops", "drops", "{}"),
+    ("evict x layer by layer", "evict_x_alone", "{:.2f}"),
+    ("step x layer by layer", "step_x_alone", "{:.3f}"),
     ("GPU MiB peak", "gpu_peak_bytes", "{}"),
 ]
 MIB = ("kv_bytes_peak", "kv_resident_peak", "kv_bound", "gpu_peak_bytes")
@@ -143,8 +199,11 @@ def decode_section(model, name: str, length: int, budget: int, args) -> dict:
     """
     reference = Spec(name, "full", None, budget)
     first, second = run_cases(model, [reference, reference], args.steps, args)
-    rows = [repeated_pair(model, Spec(name, policy, budget, length, regime), reference, args)
-            for policy in targets.DECODE_POLICIES for regime in targets.REGIMES]
+    rows = [
+        repeated_pair(model, Spec(name, policy, budget, length, regime), reference, args)
+        for policy in targets.DECODE_POLICIES
+        for regime in targets.REGIMES
+    ]
     return {"reference": [first, second], "rows": rows, "noise_pct": 100 * abs(paired_ratio(first, second) - 1)}
 
 
@@ -176,8 +235,10 @@ def grouping_section(model, name: str, length: int, budget: int, args) -> list[d
     default) and layer by layer (``build_cache(batch_layers=False)``), side by side at ``length``."""
     rows = []
     for policy in targets.GROUPED_POLICIES:
-        specs = [Spec(name, policy, budget, length, "every_forward", batch_layers=False),
-                 Spec(name, policy, budget, length, "every_forward")]
+        specs = [
+            Spec(name, policy, budget, length, "every_forward", batch_layers=False),
+            Spec(name, policy, budget, length, "every_forward"),
+        ]
         alone, grouped = run_cases(model, specs, args.steps, args)
         alone["drops"], grouped["drops"] = "layer by layer", "grouped"
         grouped["evict_x_alone"] = grouped["evict_ms"] / alone["evict_ms"]
@@ -210,7 +271,10 @@ def prefill_section(model, name: str, budget: int, args) -> list[dict]:
     rows = []
     for length in [n for n in args.lengths if n >= targets.TARGET_PREFILL_LENGTH]:
         specs = [Spec(name, "full", None, length)] + [
-            Spec(name, policy, budget, length, "after_prefill") for policy in targets.SCORE_POLICIES if policy in args.policies]
+            Spec(name, policy, budget, length, "after_prefill")
+            for policy in targets.SCORE_POLICIES
+            if policy in args.policies
+        ]
         rows += best_prefills(model, specs, args.repeats, args)
     return rows
 
@@ -225,8 +289,10 @@ def main(argv=None) -> None:
     print("\n".join(header))
     main_shape = None if args.pretrained else args.shape or ("llama1b" if args.device == "cuda" else "tiny")
     name = args.pretrained or main_shape
-    print(f"- model: {name}, dtype {str(args.dtype).split('.')[-1]}, prefill chunk {args.chunk}, "
-          f"{args.steps} timed decode steps after {args.warmup} warm-up steps\n")
+    print(
+        f"- model: {name}, dtype {str(args.dtype).split('.')[-1]}, prefill chunk {args.chunk}, "
+        f"{args.steps} timed decode steps after {args.warmup} warm-up steps\n"
+    )
 
     selection = selection_bench(args.device)
     print(selection_markdown(selection), flush=True)
@@ -239,21 +305,27 @@ def main(argv=None) -> None:
 
     grouping_models = [(name, model)] + ([(DEEP, load_model(DEEP, args))] if main_shape == "tiny" else [])
     grouping = [row for n, m in grouping_models for row in grouping_section(m, n, args.decode_context, budget, args)]
-    print(f"## Decode drops grouped across layers vs layer by layer ({', '.join(n for n, _ in grouping_models)}, "
-          f"every_forward, budget {budget}, {args.decode_context} tokens, side by side)\n")
+    print(
+        f"## Decode drops grouped across layers vs layer by layer ({', '.join(n for n, _ in grouping_models)}, "
+        f"every_forward, budget {budget}, {args.decode_context} tokens, side by side)\n"
+    )
     print(markdown(grouping) + "\n", flush=True)
 
     prefills = prefill_section(model, name, budget, args)
-    print(f"## Prefill over the whole prompt: score policies under after_prefill at budget {budget} ({name}, "
-          f"side by side with the full cache, best of {args.repeats} runs)\n")
+    print(
+        f"## Prefill over the whole prompt: score policies under after_prefill at budget {budget} ({name}, "
+        f"side by side with the full cache, best of {args.repeats} runs)\n"
+    )
     print(markdown(prefills) + "\n", flush=True)
 
     length = args.decode_context
     decode_name, decode_model = (name, model) if args.device == "cuda" or args.pretrained else ("wide", None)
     decode_model = decode_model or load_model(decode_name, args)
     section = decode_section(decode_model, decode_name, length, budget, args)
-    print(f"## Decode at {length} tokens, budget {budget}, both regimes ({decode_name}; each pair the median "
-          f"of {args.repeats} side-by-side runs)\n")
+    print(
+        f"## Decode at {length} tokens, budget {budget}, both regimes ({decode_name}; each pair the median "
+        f"of {args.repeats} side-by-side runs)\n"
+    )
     print(markdown(section["reference"] + section["rows"]) + "\n", flush=True)
 
     cycle = build_policy("buzz", budget=budget).threshold + 1  # >= 1 eviction in any such run
@@ -268,21 +340,38 @@ def main(argv=None) -> None:
         print(sync_markdown(syncs) + "\n")
 
     print("## Targets\n")
-    lines = (targets.selection_lines(selection) + targets.amortised_lines(share_rows)
-             + targets.budget_lines(rows + section["rows"] + share_rows) + targets.prefill_lines(rows + prefills)
-             + targets.evict_share_lines(section, share_rows) + targets.step_lines(section)
-             + targets.grouping_lines(grouping)
-             + targets.memory_lines({"main table": rows, "decode section": section["rows"], "amortised": share_rows,
-                                     "grouping": grouping})
-             + targets.gpu_lines(rows, syncs, args.device))
+    lines = (
+        targets.selection_lines(selection)
+        + targets.amortised_lines(share_rows)
+        + targets.budget_lines(rows + section["rows"] + share_rows)
+        + targets.prefill_lines(rows + prefills)
+        + targets.evict_share_lines(section, share_rows)
+        + targets.step_lines(section)
+        + targets.grouping_lines(grouping)
+        + targets.memory_lines(
+            {"main table": rows, "decode section": section["rows"], "amortised": share_rows, "grouping": grouping}
+        )
+        + targets.gpu_lines(rows, syncs, args.device)
+    )
     print("\n".join(lines))
     wall = time.perf_counter() - began
     load_end = os.getloadavg()[0]
     print(f"\nwall time {wall:.0f} s, load average at end {load_end:.2f}")
     if args.json:
-        payload = {"machine": header, "load_average_end": load_end, "args": {k: str(v) for k, v in vars(args).items()},
-                   "selection": selection, "cases": rows, "grouping": grouping, "prefill": prefills, "decode": section, "amortised": share_rows,
-                   "host_syncs": syncs, "targets": lines, "wall_s": wall}
+        payload = {
+            "machine": header,
+            "load_average_end": load_end,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "selection": selection,
+            "cases": rows,
+            "grouping": grouping,
+            "prefill": prefills,
+            "decode": section,
+            "amortised": share_rows,
+            "host_syncs": syncs,
+            "targets": lines,
+            "wall_s": wall,
+        }
         write_atomic(args.json, json.dumps(payload, indent=2))
 
 

@@ -181,9 +181,16 @@ class Case:
     def __init__(self, model, spec: Spec, args):
         self.spec, self.args = spec, args
         self.regime = regime_of(spec.policy, spec.budget, spec.evict or args.evict)
-        sizes = {} if spec.budget is None else {"budget": spec.budget, "evict": self.regime, "prompt_length": spec.length}
-        self.cache = build_cache(model, spec.policy, sync_timing=args.device == "cuda",  # exact on GPU
-                                 batch_layers=spec.batch_layers, **sizes)
+        sizes = (
+            {} if spec.budget is None else {"budget": spec.budget, "evict": self.regime, "prompt_length": spec.length}
+        )
+        self.cache = build_cache(
+            model,
+            spec.policy,
+            sync_timing=args.device == "cuda",  # exact on GPU
+            batch_layers=spec.batch_layers,
+            **sizes,
+        )
         self.probe = Probe(self.cache)
         generator = torch.Generator().manual_seed(spec.length)
         self.ids = torch.randint(0, model.config.vocab_size, (1, spec.length), generator=generator).to(args.device)
@@ -191,8 +198,9 @@ class Case:
         self.prefill_peak = self.evict_before = None
 
     def prefill_chunk(self, model, start: int) -> None:
-        seconds, self.token = timed_forward(model, self.cache, self.ids[:, start : start + self.args.chunk],
-                                            self.args.device, self.probe)
+        seconds, self.token = timed_forward(
+            model, self.cache, self.ids[:, start : start + self.args.chunk], self.args.device, self.probe
+        )
         self.prefill_s += seconds
 
     def decode_step(self, model, timed: bool) -> None:
@@ -211,13 +219,27 @@ class Case:
         bound_bytes = None if bound is None else bound * kv_bytes_per_token(self.cache)
         resident = max(self.probe.resident)
         return {
-            "model": spec.model, "policy": spec.policy, "evict": self.regime, "budget": spec.budget,
-            "length": spec.length, "batch_layers": spec.batch_layers, "steps": steps, "prefill_s": self.prefill_s, "step_ms": step_ms,
-            "step_ms_median": median_ms, "step_ms_all": [1000 * t for t in self.times], "evict_ms": evict_ms, "evict_share_pct": 100 * evict_ms / step_ms,
-            "evictions": self.fired, "peak_tokens_prefill": self.prefill_peak, "peak_tokens_decode": decode_peak,
+            "model": spec.model,
+            "policy": spec.policy,
+            "evict": self.regime,
+            "budget": spec.budget,
+            "length": spec.length,
+            "batch_layers": spec.batch_layers,
+            "steps": steps,
+            "prefill_s": self.prefill_s,
+            "step_ms": step_ms,
+            "step_ms_median": median_ms,
+            "step_ms_all": [1000 * t for t in self.times],
+            "evict_ms": evict_ms,
+            "evict_share_pct": 100 * evict_ms / step_ms,
+            "evictions": self.fired,
+            "peak_tokens_prefill": self.prefill_peak,
+            "peak_tokens_decode": decode_peak,
             "within_budget": decode_peak <= spec.budget if self.regime == "every_forward" else None,
-            "kv_bytes_peak": stats["kv_bytes_peak"], "compression_ratio": stats["compression_ratio"],
-            "kv_resident_peak": resident, "kv_bound": bound_bytes,
+            "kv_bytes_peak": stats["kv_bytes_peak"],
+            "compression_ratio": stats["compression_ratio"],
+            "kv_resident_peak": resident,
+            "kv_bound": bound_bytes,
             "within_bound": None if bound_bytes is None else resident <= bound_bytes,
             "gpu_peak_bytes": gpu_peak,
         }
@@ -270,14 +292,25 @@ def best_prefills(model, specs: list[Spec], repeats: int, args) -> list[dict]:
         for seconds, case in zip(runs, cases, strict=True):
             seconds.append(case.prefill_s)
     best = [min(seconds) for seconds in runs]
-    return [{"model": spec.model, "policy": spec.policy, "evict": case.regime, "budget": spec.budget,
-             "length": spec.length, "prefill_s": fastest, "prefill_x_full": fastest / best[0],
-             "repeats": repeats, "prefill_spread_pct": 100 * (max(seconds) - fastest) / fastest}
-            for spec, case, seconds, fastest in zip(specs, cases, runs, best, strict=True)]
+    return [
+        {
+            "model": spec.model,
+            "policy": spec.policy,
+            "evict": case.regime,
+            "budget": spec.budget,
+            "length": spec.length,
+            "prefill_s": fastest,
+            "prefill_x_full": fastest / best[0],
+            "repeats": repeats,
+            "prefill_spread_pct": 100 * (max(seconds) - fastest) / fastest,
+        }
+        for spec, case, seconds, fastest in zip(specs, cases, runs, best, strict=True)
+    ]
 
 
-def run_case(model, name: str, policy: str, budget: int | None, length: int, steps: int, args,
-             evict: str | None = None) -> dict:
+def run_case(
+    model, name: str, policy: str, budget: int | None, length: int, steps: int, args, evict: str | None = None
+) -> dict:
     """Prefill ``length`` random tokens, then time ``steps`` decode steps; one result row."""
     return run_cases(model, [Spec(name, policy, budget, length, evict)], steps, args)[0]
 

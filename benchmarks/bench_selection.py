@@ -48,20 +48,29 @@ def selection_bench(device: str) -> dict:
             policy.step(policy.new_state(), scores)
             if device == "cuda":
                 torch.cuda.synchronize()
+
         return run
 
     loop_s = best_time(lambda: loop_select(scores.cpu(), buzz.sink, buzz.window, buzz.stride), 3)
     others = ("buzz", "buzz_fast", "buzz_nomax", "h2o")
     step_ms = {name: 1000 * best_time(step_of(build_policy(name)), 20) for name in others}
-    return {"shape": list(SELECTION_SHAPE), "loop_ms": 1000 * loop_s, "step_ms": step_ms,
-            "speedup": 1000 * loop_s / step_ms["buzz"], "identical": True}
+    return {
+        "shape": list(SELECTION_SHAPE),
+        "loop_ms": 1000 * loop_s,
+        "step_ms": step_ms,
+        "speedup": 1000 * loop_s / step_ms["buzz"],
+        "identical": True,
+    }
 
 
 def selection_markdown(selection: dict) -> str:
     """The micro-benchmark's section."""
-    lines = [f"## Selection micro-benchmark (random scores {selection['shape']}, default sizes)\n",
-             "| method | ms |", "|---|---|",
-             f"| per-segment Python loop (buzz reference) | {selection['loop_ms']:.2f} |"]
+    lines = [
+        f"## Selection micro-benchmark (random scores {selection['shape']}, default sizes)\n",
+        "| method | ms |",
+        "|---|---|",
+        f"| per-segment Python loop (buzz reference) | {selection['loop_ms']:.2f} |",
+    ]
     lines += [f"| {policy} `Policy.step` (vectorised) | {ms:.3f} |" for policy, ms in selection["step_ms"].items()]
     lines.append(f"\nBUZZ picks identical to the loop: yes; speed-up {selection['speedup']:.0f}x\n")
     return "\n".join(lines)

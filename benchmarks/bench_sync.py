@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from bench_run import decode, prefill
 from torch.profiler import ProfilerActivity, profile
 
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.cache.compat import cache_kwargs
-
-from bench_run import decode, prefill
 
 # CUDA runtime calls that make the host wait for the device: a .item()/bool()/.cpu() of a CUDA
 # tensor shows as aten::item -> aten::_local_scalar_dense -> cudaStreamSynchronize
@@ -46,8 +45,15 @@ def sync_check(model, budget: int, length: int, chunk: int) -> list[dict]:
     rows = []
     for policy in SYNC_POLICIES:
         counts = step_syncs(model, policy, budget, length, chunk)
-        rows.append({"policy": policy, "budget": None if policy == "full" else budget, "length": length,
-                     "counts": counts, "syncs": sum(counts[name] for name in SYNC_EVENTS)})
+        rows.append(
+            {
+                "policy": policy,
+                "budget": None if policy == "full" else budget,
+                "length": length,
+                "counts": counts,
+                "syncs": sum(counts[name] for name in SYNC_EVENTS),
+            }
+        )
     return rows
 
 

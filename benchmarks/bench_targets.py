@@ -30,8 +30,10 @@ def case(row: dict) -> str:
 
 
 def selection_lines(selection: dict) -> list[str]:
-    return [f"- {verdict(selection['speedup'] >= TARGET_SPEEDUP)} BUZZ selection >= {TARGET_SPEEDUP:.0f}x faster "
-            f"than the per-segment loop: {selection['speedup']:.0f}x"]
+    return [
+        f"- {verdict(selection['speedup'] >= TARGET_SPEEDUP)} BUZZ selection >= {TARGET_SPEEDUP:.0f}x faster "
+        f"than the per-segment loop: {selection['speedup']:.0f}x"
+    ]
 
 
 def amortised_lines(share_rows: list[dict]) -> list[str]:
@@ -39,12 +41,16 @@ def amortised_lines(share_rows: list[dict]) -> list[str]:
     lines = []
     for row in share_rows:
         mark = verdict(row["evict_share_pct"] <= TARGET_SHARE) if row is share_rows[-1] else "info:"
-        lines.append(f"- {mark} amortised buzz eviction <= {TARGET_SHARE}% of a decode step ({case(row)}, "
-                     f"{row['steps']} steps, {row['evictions']} evictions fired): {row['evict_share_pct']:.1f}% "
-                     f"({row['evict_ms']:.3f} of {row['step_ms']:.2f} ms, means)")
+        lines.append(
+            f"- {mark} amortised buzz eviction <= {TARGET_SHARE}% of a decode step ({case(row)}, "
+            f"{row['steps']} steps, {row['evictions']} evictions fired): {row['evict_share_pct']:.1f}% "
+            f"({row['evict_ms']:.3f} of {row['step_ms']:.2f} ms, means)"
+        )
     if len(share_rows) > 1:
-        lines.append(f"  - the {share_rows[0]['model']} model's decode step is unrealistically cheap, so the "
-                     "eviction's fixed per-layer overhead dominates it; the target is judged on the wider model")
+        lines.append(
+            f"  - the {share_rows[0]['model']} model's decode step is unrealistically cheap, so the "
+            "eviction's fixed per-layer overhead dominates it; the target is judged on the wider model"
+        )
     return lines
 
 
@@ -52,18 +58,26 @@ def budget_lines(rows: list[dict]) -> list[str]:
     """buzz under every_forward never holds more than its budget while a decode step attends."""
     buzz = [r for r in rows if r["policy"] == "buzz" and r["within_budget"] is not None]
     bad = [f"{case(r)}: {r['peak_tokens_decode']:.0f}" for r in buzz if not r["within_budget"]]
-    return [f"- {verdict(bool(buzz) and not bad)} buzz decode-phase peak kept tokens (mean over layers) <= budget "
-            f"in every every_forward case ({len(buzz)} cases{'; over: ' + ', '.join(bad) if bad else ''})"]
+    return [
+        f"- {verdict(bool(buzz) and not bad)} buzz decode-phase peak kept tokens (mean over layers) <= budget "
+        f"in every every_forward case ({len(buzz)} cases{'; over: ' + ', '.join(bad) if bad else ''})"
+    ]
 
 
 def prefill_lines(rows: list[dict]) -> list[str]:
     """Score policies' chunked prefill against the full cache's, from TARGET_PREFILL_LENGTH tokens up."""
-    judged = [r for r in rows if r["policy"] in SCORE_POLICIES and r["length"] >= TARGET_PREFILL_LENGTH
-              and r["prefill_x_full"] is not None]
+    judged = [
+        r
+        for r in rows
+        if r["policy"] in SCORE_POLICIES and r["length"] >= TARGET_PREFILL_LENGTH and r["prefill_x_full"] is not None
+    ]
     if not judged:
         return [f"- info: no score-policy prefill at >= {TARGET_PREFILL_LENGTH} tokens in this run (not judged)"]
-    return [f"- {verdict(r['prefill_x_full'] <= TARGET_PREFILL)} {case(r)}: chunked prefill <= {TARGET_PREFILL}x "
-            f"the full cache's: {r['prefill_x_full']:.2f}x ({r['prefill_s']:.2f} s)" for r in judged]
+    return [
+        f"- {verdict(r['prefill_x_full'] <= TARGET_PREFILL)} {case(r)}: chunked prefill <= {TARGET_PREFILL}x "
+        f"the full cache's: {r['prefill_x_full']:.2f}x ({r['prefill_s']:.2f} s)"
+        for r in judged
+    ]
 
 
 def evict_share_lines(section: dict, share_rows: list[dict]) -> list[str]:
@@ -79,10 +93,14 @@ def evict_share_lines(section: dict, share_rows: list[dict]) -> list[str]:
         cycle = amortised.get((row["model"], row["length"], row["budget"]))
         if row["policy"] == "buzz" and row["evict"] == "every_forward" and cycle is not None:
             share, detail = cycle["evict_share_pct"], f"{cycle['evict_ms']:.3f} of {cycle['step_ms']:.2f} ms"
-            note = (f"amortised over a full eviction cycle of {cycle['steps']} steps ({cycle['evictions']} fired; "
-                    f"{row['steps']} steps alone: {row['evict_share_pct']:.1f}%)")
-        lines.append(f"- {verdict(share <= TARGET_EVICT_SHARE)} {case(row)}: eviction <= "
-                     f"{TARGET_EVICT_SHARE}% of the decode step: {share:.2f}% ({detail}, means; {note})")
+            note = (
+                f"amortised over a full eviction cycle of {cycle['steps']} steps ({cycle['evictions']} fired; "
+                f"{row['steps']} steps alone: {row['evict_share_pct']:.1f}%)"
+            )
+        lines.append(
+            f"- {verdict(share <= TARGET_EVICT_SHARE)} {case(row)}: eviction <= "
+            f"{TARGET_EVICT_SHARE}% of the decode step: {share:.2f}% ({detail}, means; {note})"
+        )
     return lines
 
 
@@ -95,26 +113,35 @@ def step_lines(section: dict) -> list[str]:
     """Each policy's median decode step against a full cache of ``budget`` tokens decoded side by side."""
     first, second = section["reference"]
     limit = 1 + NOISE_ALLOWANCE_PCT / 100
-    lines = [f"- info: two identical full caches of {first['length']} tokens ({first['model']}) decoded side by side: "
-             f"median steps {first['step_ms_median']:.2f} and {second['step_ms_median']:.2f} ms, median paired ratio "
-             f"{section['noise_pct']:.1f}% from 1; noise allowance {NOISE_ALLOWANCE_PCT:.0f}% (ratio <= {limit:.2f})"]
+    lines = [
+        f"- info: two identical full caches of {first['length']} tokens ({first['model']}) decoded side by side: "
+        f"median steps {first['step_ms_median']:.2f} and {second['step_ms_median']:.2f} ms, median paired ratio "
+        f"{section['noise_pct']:.1f}% from 1; noise allowance {NOISE_ALLOWANCE_PCT:.0f}% (ratio <= {limit:.2f})"
+    ]
     if section["noise_pct"] > NOISE_ALLOWANCE_PCT:
-        lines.append("  - **warning: the identical runs differ by more than the allowance: the machine was busy; "
-                     "rerun on an idle machine before trusting the step targets**")
+        lines.append(
+            "  - **warning: the identical runs differ by more than the allowance: the machine was busy; "
+            "rerun on an idle machine before trusting the step targets**"
+        )
     for row in section["rows"]:
         runs = row.get("step_x_ref_runs", [row["step_x_ref"]])
         spread = f"; the median of {len(runs)} runs: {listed(runs, '{:.3f}x')}" if len(runs) > 1 else ""
-        lines.append(f"- {verdict(row['step_x_ref'] <= limit)} {case(row)}: decode step <= a full cache's holding "
-                     f"{first['length']} tokens (median of {row['steps']} paired steps{spread}): {row['step_x_ref']:.3f}x "
-                     f"(medians {row['step_ms_median']:.2f} vs {row['ref_step_ms_median']:.2f} ms)")
+        lines.append(
+            f"- {verdict(row['step_x_ref'] <= limit)} {case(row)}: decode step <= a full cache's holding "
+            f"{first['length']} tokens (median of {row['steps']} paired steps{spread}): {row['step_x_ref']:.3f}x "
+            f"(medians {row['step_ms_median']:.2f} vs {row['ref_step_ms_median']:.2f} ms)"
+        )
     return lines
 
 
 def grouping_lines(rows: list[dict]) -> list[str]:
     """What batching the one-token drops across layers buys (informational: no target names it)."""
-    return [f"- info: {case(row)}: drops grouped across layers: eviction {row['evict_x_alone']:.2f}x and decode step "
-            f"{row['step_x_alone']:.3f}x layer by layer's (median of {row['steps']} paired steps)"
-            for row in rows if "evict_x_alone" in row]
+    return [
+        f"- info: {case(row)}: drops grouped across layers: eviction {row['evict_x_alone']:.2f}x and decode step "
+        f"{row['step_x_alone']:.3f}x layer by layer's (median of {row['steps']} paired steps)"
+        for row in rows
+        if "evict_x_alone" in row
+    ]
 
 
 def memory_lines(tables: dict[str, list[dict]]) -> list[str]:
@@ -126,11 +153,15 @@ def memory_lines(tables: dict[str, list[dict]]) -> list[str]:
             continue
         worst = max(judged, key=lambda r: r["kv_resident_peak"] / r["kv_bound"])
         bad = [case(r) for r in judged if not r["within_bound"]]
-        lines.append(f"- {verdict(not bad)} {title}: peak resident KV bytes <= bound in all {len(judged)} evicting "
-                     f"cases (largest share of its bound: {case(worst)}, {worst['kv_resident_peak'] / 2**20:.2f} of "
-                     f"{worst['kv_bound'] / 2**20:.2f} MiB){'; over: ' + ', '.join(bad) if bad else ''}")
-    lines.append("  - bound: (budget + prefill chunk) x KV bytes per token, per layer, summed; under after_prefill "
-                 "the prompt is read whole before its compression, so max(prompt, budget + generated tokens)")
+        lines.append(
+            f"- {verdict(not bad)} {title}: peak resident KV bytes <= bound in all {len(judged)} evicting "
+            f"cases (largest share of its bound: {case(worst)}, {worst['kv_resident_peak'] / 2**20:.2f} of "
+            f"{worst['kv_bound'] / 2**20:.2f} MiB){'; over: ' + ', '.join(bad) if bad else ''}"
+        )
+    lines.append(
+        "  - bound: (budget + prefill chunk) x KV bytes per token, per layer, summed; under after_prefill "
+        "the prompt is read whole before its compression, so max(prompt, budget + generated tokens)"
+    )
     return lines
 
 
@@ -139,8 +170,10 @@ def gpu_lines(rows: list[dict], syncs: list[dict] | None, device: str) -> list[s
     lines = []
     for row in rows:
         if row["policy"] == "buzz" and row["budget"] == 1024 and row["length"] >= 32768 and row["decode_x_full"]:
-            lines.append(f"- {verdict(row['decode_x_full'] >= TARGET_DECODE_GPU)} {case(row)}: decode tokens/s >= "
-                         f"{TARGET_DECODE_GPU}x the full cache's (medians): {row['decode_x_full']:.2f}x")
+            lines.append(
+                f"- {verdict(row['decode_x_full'] >= TARGET_DECODE_GPU)} {case(row)}: decode tokens/s >= "
+                f"{TARGET_DECODE_GPU}x the full cache's (medians): {row['decode_x_full']:.2f}x"
+            )
     if syncs is None:
         lines.append(f"- info: host-sync check of a decode step not run on {device} (it needs --device cuda)")
         return lines
@@ -148,10 +181,13 @@ def gpu_lines(rows: list[dict], syncs: list[dict] | None, device: str) -> list[s
         found = ", ".join(f"{name} x{n}" for name, n in row["counts"].items() if n and name != "cuda_calls")
         where = f"{row['policy']}{'' if row['budget'] is None else ' budget ' + str(row['budget'])} at {row['length']}"
         if not row["counts"]["cuda_calls"]:
-            lines.append(f"- **FAIL** host-sync check of {where}: the profiler recorded no CUDA runtime call, "
-                         "so it cannot tell")
+            lines.append(
+                f"- **FAIL** host-sync check of {where}: the profiler recorded no CUDA runtime call, so it cannot tell"
+            )
             continue
         mark = "info:" if row["policy"] == "full" else verdict(row["syncs"] == 0)
-        lines.append(f"- {mark} no host sync (cuda*Synchronize) in one unpadded decode step, {where}: "
-                     f"{row['syncs']} ({found or 'no sync or scalar read'})")
+        lines.append(
+            f"- {mark} no host sync (cuda*Synchronize) in one unpadded decode step, {where}: "
+            f"{row['syncs']} ({found or 'no sync or scalar read'})"
+        )
     return lines

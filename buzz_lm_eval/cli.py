@@ -39,20 +39,22 @@ def usage() -> str:
     rows = [(name, summary(module)) for name, module in SUBCOMMANDS.items()] + list(LM_EVAL_COMMANDS.items())
     width = max(len(name) for name, _ in rows)
     lines = [f"  {name:<{width}}  {text}" for name, text in rows]
-    return "\n".join([
-        "usage: buzz-lm-eval COMMAND [ARGS]   (COMMAND --help for its options)",
-        "",
-        "KV-cache eviction (BUZZ and baselines) in lm-evaluation-harness: `--model buzz_hf`.",
-        "",
-        "commands:",
-        *lines[: len(SUBCOMMANDS)],
-        "",
-        "lm-eval's own commands, with buzz_hf and this package's tasks available:",
-        *lines[len(SUBCOMMANDS) :],
-        "",
-        "example:",
-        "  buzz-lm-eval run --model buzz_hf --model_args cache=buzz,budget=128 --tasks buzz_smoke --limit 2",
-    ])
+    return "\n".join(
+        [
+            "usage: buzz-lm-eval COMMAND [ARGS]   (COMMAND --help for its options)",
+            "",
+            "KV-cache eviction (BUZZ and baselines) in lm-evaluation-harness: `--model buzz_hf`.",
+            "",
+            "commands:",
+            *lines[: len(SUBCOMMANDS)],
+            "",
+            "lm-eval's own commands, with buzz_hf and this package's tasks available:",
+            *lines[len(SUBCOMMANDS) :],
+            "",
+            "example:",
+            "  buzz-lm-eval run --model buzz_hf --model_args cache=buzz,budget=128 --tasks buzz_smoke --limit 2",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

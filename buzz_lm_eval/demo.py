@@ -22,8 +22,11 @@ PROMPT = "Once upon a time, there was a little girl named Lily. She had a red ba
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="buzz-lm-eval demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrained", default=str(DEFAULT_MODEL_DIR),
-                        help="model directory, hub id, or an offline model name (`buzz-lm-eval models`)")
+    parser.add_argument(
+        "--pretrained",
+        default=str(DEFAULT_MODEL_DIR),
+        help="model directory, hub id, or an offline model name (`buzz-lm-eval models`)",
+    )
     parser.add_argument("--policies", default="full,streaming,h2o,buzz", help="comma-separated cache policies")
     parser.add_argument("--budget", type=int, default=48, help="KV-token budget for every evicting policy")
     parser.add_argument("--new-tokens", type=int, default=160)
@@ -55,6 +58,13 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, s in rows:
-        cells = (name, s["tokens_seen"], s["kept_tokens_peak"], f"{s['kept_tokens_mean']:.1f}", s["kv_bytes_peak"],
-                 f"{s['compression_ratio']:.2f}x", f"{s['evict_seconds']:.3f}")
+        cells = (
+            name,
+            s["tokens_seen"],
+            s["kept_tokens_peak"],
+            f"{s['kept_tokens_mean']:.1f}",
+            s["kv_bytes_peak"],
+            f"{s['compression_ratio']:.2f}x",
+            f"{s['evict_seconds']:.3f}",
+        )
         print("| " + " | ".join(str(c) for c in cells) + " |")

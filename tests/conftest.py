@@ -15,8 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mistr
 from buzz_lm_eval.harness.paths import DEFAULT_MODEL_DIR
 
 TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
 )
 CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY),
@@ -69,7 +74,9 @@ def attention_calls(monkeypatch):
     from buzz_lm_eval.cache import attention
 
     calls, real = [], attention.attention_with_scores
-    monkeypatch.setattr(attention, "attention_with_scores", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
+    monkeypatch.setattr(
+        attention, "attention_with_scores", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k)
+    )
     return calls
 
 
@@ -87,7 +94,9 @@ def load_task_module(relative: str, name: str):
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--device", default="cpu", choices=("cpu", "cuda"),
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
         help="device for the model tests (cache, policies on models, buzz_hf, CLI); cuda skips all without CUDA",
     )
     parser.addoption("--slow", action="store_true", help="also run the tests marked slow (CI does)")
@@ -121,15 +130,36 @@ def skip_slow(config, items):
             item.add_marker(skip)
 
 
-def run_lm_eval(tmp_path: Path, model: str, model_args: str, task: str, limit: int = 1, extra=(),
-                pretrained: str | None = str(DEFAULT_MODEL_DIR)) -> tuple[Path, str]:
+def run_lm_eval(
+    tmp_path: Path,
+    model: str,
+    model_args: str,
+    task: str,
+    limit: int = 1,
+    extra=(),
+    pretrained: str | None = str(DEFAULT_MODEL_DIR),
+) -> tuple[Path, str]:
     """Run the installed ``lm_eval`` console script offline; (its results JSON path, its stderr)."""
     script = Path(sys.executable).with_name("lm_eval")
     out = tmp_path / model / model_args.replace(",", "_").replace("=", "-").replace("/", "")[-40:]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     args = ",".join(filter(None, [pretrained and f"pretrained={pretrained}", model_args]))
-    cmd = [str(script), "--model", model, "--model_args", args, "--tasks", task,
-           "--limit", str(limit), "--device", DEVICE.type, "--output_path", str(out), *extra]
+    cmd = [
+        str(script),
+        "--model",
+        model,
+        "--model_args",
+        args,
+        "--tasks",
+        task,
+        "--limit",
+        str(limit),
+        "--device",
+        DEVICE.type,
+        "--output_path",
+        str(out),
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     [path] = out.rglob("results_*.json")

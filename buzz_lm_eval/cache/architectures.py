@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 SUPPORTED_MODEL_TYPES = (
-    "llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "mixtral", "gemma2", "gemma3_text",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "olmo2",
+    "granite",
+    "mixtral",
+    "gemma2",
+    "gemma3_text",
 )
-_MLA = ("multi-head latent attention caches compressed KV latents and expands them after the cache "
-        "update, so the score-capturing attention never sees the cached tensors and nothing would be evicted")
+_MLA = (
+    "multi-head latent attention caches compressed KV latents and expands them after the cache "
+    "update, so the score-capturing attention never sees the cached tensors and nothing would be evicted"
+)
 # Model types an evicting cache would serve silently wrong, and why.
 REFUSED_MODEL_TYPES = {
     "gpt_oss": "its attention adds learned per-head sink logits (s_aux) to the softmax, which the "
-               "score-capturing attention would drop, so every output would be wrong",
+    "score-capturing attention would drop, so every output would be wrong",
     "deepseek_v2": _MLA,
     "deepseek_v3": _MLA,
 }
@@ -21,8 +32,10 @@ def layer_windows(config) -> list[int | None]:
     """Per decoder layer, the sliding window (None for full attention); ValueError if unsupported."""
     model_type = getattr(config, "model_type", None)
     if model_type in REFUSED_MODEL_TYPES:
-        raise ValueError(f"buzz-lm-eval refuses model type {model_type!r}: {REFUSED_MODEL_TYPES[model_type]}; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(
+            f"buzz-lm-eval refuses model type {model_type!r}: {REFUSED_MODEL_TYPES[model_type]}; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"buzz-lm-eval cannot serve model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

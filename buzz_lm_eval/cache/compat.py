@@ -10,7 +10,7 @@ import functools
 import inspect
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_argument(forward_owner: type) -> str:
     parameters = inspect.signature(forward_owner.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"

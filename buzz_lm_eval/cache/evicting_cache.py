@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 from transformers.cache_utils import Cache
 
+from ..policies import Policy, build_policy
 from .architectures import layer_windows
 from .attention import prepare_model
-from .mask_reads import forget
-from ..policies import Policy, build_policy
-from .positions import KeyRotation, check_positions, key_rotations
-from .regime import Schedule, check_regime
 from .layer import ONE_CACHE, EvictingLayer
 from .layer_group import group_of
+from .mask_reads import forget
+from .positions import KeyRotation, check_positions, key_rotations
+from .regime import Schedule, check_regime
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,10 +43,12 @@ class EvictingCache(Cache):
     ):
         n = len(sliding_windows)
         rotations = rotations or [None] * n
-        super().__init__(layers=[
-            EvictingLayer(policy.for_layer(i, n), window, sync_timing, rotation, Schedule(evict, prompt_length))
-            for i, (window, rotation) in enumerate(zip(sliding_windows, rotations))
-        ])
+        super().__init__(
+            layers=[
+                EvictingLayer(policy.for_layer(i, n), window, sync_timing, rotation, Schedule(evict, prompt_length))
+                for i, (window, rotation) in enumerate(zip(sliding_windows, rotations))
+            ]
+        )
         self.policy, self.evict = policy, evict
         group = group_of(self.layers) if batch_layers else None
         for i, layer in enumerate(self.layers):
@@ -73,10 +75,20 @@ class EvictingCache(Cache):
         """Whole-run statistics as plain ints and floats (see README for definitions)."""
         layers = [layer for layer in self.layers if layer.stats.forwards]
         if not layers:
-            return {"tokens_seen": 0, "kept_tokens_peak": 0, "kept_tokens_mean": 0.0, "kv_bytes_peak": 0,
-                    "kv_bytes_mean": 0.0, "kv_bytes_allocated_peak": 0, "compression_ratio": 1.0, "evict_seconds": 0.0, "forwards": 0,
-                    "prompt_tokens_compressed": 0.0, "kept_tokens_after_compression": 0.0,
-                    "kept_tokens_peak_per_layer": [0] * len(self.layers)}
+            return {
+                "tokens_seen": 0,
+                "kept_tokens_peak": 0,
+                "kept_tokens_mean": 0.0,
+                "kv_bytes_peak": 0,
+                "kv_bytes_mean": 0.0,
+                "kv_bytes_allocated_peak": 0,
+                "compression_ratio": 1.0,
+                "evict_seconds": 0.0,
+                "forwards": 0,
+                "prompt_tokens_compressed": 0.0,
+                "kept_tokens_after_compression": 0.0,
+                "kept_tokens_peak_per_layer": [0] * len(self.layers),
+            }
         seen = max(layer.seen for layer in layers)
         peak_bytes = sum(layer.stats.peak_tokens * layer.stats.bytes_per_token for layer in layers)
         mean_tokens = [layer.stats.kept_tokens_sum / layer.stats.forwards for layer in layers]

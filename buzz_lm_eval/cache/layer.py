@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .attention import offer_layer
 from ..policies import Policy
 from ..policies.base import all_but, real_slots
+from .attention import offer_layer
+from .layer_stats import LayerStats
 from .positions import KeyRotation, evicted_after
 from .regime import Schedule
-from .layer_stats import LayerStats
 from .shifted_keys import LAG_CLASSES, ShiftedKeys
 from .slots import SlotStore, broadcast_over_heads, last_into, rows_with, tail_moves
 from .visibility import visible_mask
@@ -79,7 +79,9 @@ class EvictingLayer(DynamicLayer):
         if self.schedule.compress_first(self.seen, new):
             self.compress_pending()
             before = self.stored()
-        keys, values = self._append(key_states, value_states) if self.policy.evicts else super().update(key_states, value_states)
+        keys, values = (
+            self._append(key_states, value_states) if self.policy.evicts else super().update(key_states, value_states)
+        )
         self.positions = torch.cat([self.positions, self._span(self.seen, new, self.positions)], dim=-1)
         if self.order is not None:
             self.order = torch.cat([self.order, self._span(before, new, self.order)], dim=-1)
@@ -122,8 +124,12 @@ class EvictingLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if query_length == 0:
-            cause = "the prompt is empty" if self.seen == 0 else (
-                f"this cache has already seen {self.seen} tokens, at least as many as the new prompt; {ONE_CACHE}"
+            cause = (
+                "the prompt is empty"
+                if self.seen == 0
+                else (
+                    f"this cache has already seen {self.seen} tokens, at least as many as the new prompt; {ONE_CACHE}"
+                )
             )
             raise ValueError(f"EvictingCache: a forward with no new tokens: {cause}")
         stored = self.stored()
@@ -368,7 +374,9 @@ class EvictingLayer(DynamicLayer):
         self.store.keep_first(width, src.expand(batch, heads, -1), dst.expand(batch, heads, -1))
         self.store.fit()
         self.keys, self.values = self.store.keys, self.store.values
-        order = torch.arange(length, device=self.device).expand(batch, rows, length).scatter(-1, src, dst).gather(-1, slots)
+        order = (
+            torch.arange(length, device=self.device).expand(batch, rows, length).scatter(-1, src, dst).gather(-1, slots)
+        )
         if live is not None:
             positions = positions.masked_fill(~live, -1)
             self.padded = bool((positions < 0).any())
@@ -394,4 +402,3 @@ class EvictingLayer(DynamicLayer):
 def key_norms(keys: torch.Tensor) -> torch.Tensor:
     """[B, H, L] float32 L2 norms of the stored keys (the ``key_norm`` signal)."""
     return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
-

@@ -150,8 +150,14 @@ def signature(layer) -> tuple:
     """What must agree between layers for one stacked drop: shapes and counters."""
     shift, state = layer.shift, layer.state
     return (
-        layer.keys.shape, layer.store.capacity, layer.seen, layer.positions.shape, _shape(layer.order),
-        _shape(layer.key_norms), _shape(state.scores), state.forwards,
+        layer.keys.shape,
+        layer.store.capacity,
+        layer.seen,
+        layer.positions.shape,
+        _shape(layer.order),
+        _shape(layer.key_norms),
+        _shape(state.scores),
+        state.forwards,
         shift and (_shape(shift.lag), _shape(shift.key_class), shift.drops),
     )
 
@@ -160,7 +166,8 @@ def unstack(batched, layers: list) -> None:
     """Give each layer its rows of ``batched`` (views) after the stacked drop."""
     rows, count = layers[0].keys.shape[0], len(layers)
     positions, order, norms, scores = (
-        _split(tensor, rows, count) for tensor in (batched.positions, batched.order, batched.key_norms, batched.state.scores)
+        _split(tensor, rows, count)
+        for tensor in (batched.positions, batched.order, batched.key_norms, batched.state.scores)
     )
     shift = batched.shift
     if shift is not None:

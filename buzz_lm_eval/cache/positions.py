@@ -112,7 +112,9 @@ class KeyRotation:
                 rows, capacity = layout
                 width = keys.shape[2]
                 index = moved + (moved // width) * (capacity - width)  # the key's row in ``rows``
-                rows.index_copy_(0, index, self.rotate_(rows.index_select(0, index), flat.index_select(0, moved), bound))
+                rows.index_copy_(
+                    0, index, self.rotate_(rows.index_select(0, index), flat.index_select(0, moved), bound)
+                )
                 return
         self.rotate_(keys, delta, bound)
 
@@ -127,7 +129,9 @@ def _rows(keys: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return keys.as_strided((batch * heads * capacity, dim), (dim, 1)), capacity
 
 
-def evicted_after(keep: torch.Tensor, length: int, real: torch.Tensor | None, kept_real: torch.Tensor | None) -> torch.Tensor:
+def evicted_after(
+    keep: torch.Tensor, length: int, real: torch.Tensor | None, kept_real: torch.Tensor | None
+) -> torch.Tensor:
     """For each kept index, how many real tokens after it (in [0, length)) were evicted: [B|1, H|1, K].
 
     ``real`` [B, 1|H, length] marks real (non-padding) slots before the eviction; ``kept_real``

@@ -41,8 +41,13 @@ class Schedule:
         """Whether the stored prompt is compressed before this forward's ``new`` tokens are appended:
         under ``after_prefill`` without a prompt length, the first forward bringing one token per
         row after the first forward ends the prefill."""
-        return (self.mode == "after_prefill" and self.prompt_length is None and not self.compressed
-                and seen > 0 and new == 1)
+        return (
+            self.mode == "after_prefill"
+            and self.prompt_length is None
+            and not self.compressed
+            and seen > 0
+            and new == 1
+        )
 
     def phase(self, seen: int, new: int) -> str:
         """``evict``, ``observe`` (accumulate only) or ``grow`` for the forward of ``new`` tokens
@@ -59,9 +64,12 @@ class Schedule:
             self.compressed = True
             return "evict"
         if seen > self.prompt_length or ended:
-            what = (f"a forward brought tokens {seen - new + 1}..{seen}, past it" if seen > self.prompt_length
-                    else f"the prompt ended before it (a forward shorter than the one before it, then another "
-                         f"forward, with {seen} tokens seen)")
+            what = (
+                f"a forward brought tokens {seen - new + 1}..{seen}, past it"
+                if seen > self.prompt_length
+                else f"the prompt ended before it (a forward shorter than the one before it, then another "
+                f"forward, with {seen} tokens seen)"
+            )
             raise ValueError(
                 f"prompt_length={self.prompt_length} disagrees with the prompt: {what}; give the prompt's "
                 "real length, or leave prompt_length out (the first one-token forward then ends the prefill)"

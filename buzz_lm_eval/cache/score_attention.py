@@ -11,8 +11,8 @@ import threading
 
 import torch
 
-from .mask_reads import plain_causal
 from ..policies.base import cached_arange
+from .mask_reads import plain_causal
 
 SCORE_BLOCK_ELEMENTS = 1 << 24  # logits elements of one query block off the CPU (memory bound)
 SCORE_BLOCK_ELEMENTS_CPU = 1 << 21  # on CPU: a pass's logits (8 MiB) stay in the last-level cache; on
@@ -26,7 +26,13 @@ _workspace = threading.local()  # CPU: each thread's logits buffer, reused by ev
 
 
 def attention_with_scores(
-    query, key, value, visible, scaling: float, window: int | None = None, softcap: float | None = None,
+    query,
+    key,
+    value,
+    visible,
+    scaling: float,
+    window: int | None = None,
+    softcap: float | None = None,
     key_class: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and the probabilities each key received, from one pass over the keys.
@@ -52,8 +58,10 @@ def attention_with_scores(
     if key_class is not None:
         return _one_pass(query, key, value, visible, scaling, window, softcap, key_class)
     if key.shape[2] < query.shape[2]:
-        raise ValueError(f"attention_with_scores needs the queries' own keys among the keys: "
-                         f"{key.shape[2]} keys for {query.shape[2]} queries")
+        raise ValueError(
+            f"attention_with_scores needs the queries' own keys among the keys: "
+            f"{key.shape[2]} keys for {query.shape[2]} queries"
+        )
     visible = None if visible is not None and plain_causal(visible) else visible  # skip future keys, no bias
     return _one_pass(query, key, value, visible, scaling, window, softcap)
 
@@ -77,9 +85,16 @@ def _one_pass(query, key, value, visible, scaling, window, softcap, key_class=No
     if key_class is not None:
         key_class = key_class.expand(batch, kv_heads, length).reshape(pairs, 1, length)
     parts = [
-        _pass(query[lo : lo + per_pass], key[lo : lo + per_pass], value[lo : lo + per_pass],
-              visible if visible is None or visible.shape[0] == 1 else visible[lo : lo + per_pass],
-              scaling, window, softcap, None if key_class is None else key_class[lo : lo + per_pass])
+        _pass(
+            query[lo : lo + per_pass],
+            key[lo : lo + per_pass],
+            value[lo : lo + per_pass],
+            visible if visible is None or visible.shape[0] == 1 else visible[lo : lo + per_pass],
+            scaling,
+            window,
+            softcap,
+            None if key_class is None else key_class[lo : lo + per_pass],
+        )
         for lo in range(0, pairs, per_pass)
     ]
     output = torch.cat([out for out, _ in parts]).view(batch, kv_heads, -1, groups, value.shape[-1])
@@ -97,7 +112,12 @@ def _pass(query, key, value, visible, scaling, window, softcap, key_class=None):
     rows = rows * (scaling / (softcap or 1.0))  # scaled once here: a plain bmm is faster than baddbmm's alpha
     runs = None
     if key_class is not None:  # rows are (run, group) of the one query; each key takes its run's row
-        runs = key_class.long().expand(batch, kv_heads, length).reshape(pairs, 1, 1, length).expand(pairs, 1, groups, length)
+        runs = (
+            key_class.long()
+            .expand(batch, kv_heads, length)
+            .reshape(pairs, 1, 1, length)
+            .expand(pairs, 1, groups, length)
+        )
         q_len = 1
     past = length - q_len
     keys_t, values = key.flatten(0, 1).transpose(1, 2), value.flatten(0, 1)  # views: K/V never copied

@@ -122,8 +122,9 @@ class ShiftedKeys:
         self.rotation.rotate_slots(keys, torch.where(shift, ahead - same, ahead), bound)
         self.key_class = runs
 
-    def on_evict(self, keys: torch.Tensor, delta: torch.Tensor, order: torch.Tensor,
-                 live: torch.Tensor | None, bound: int) -> None:
+    def on_evict(
+        self, keys: torch.Tensor, delta: torch.Tensor, order: torch.Tensor, live: torch.Tensor | None, bound: int
+    ) -> None:
         """Move the kept keys (slots ``order`` of ``keys``) forward by ``delta`` [B, 1|H, K] (original
         order), after a compaction the runs were flushed before (``flush``)."""
         counted = delta if live is None else torch.where(live, delta, 0)
@@ -139,7 +140,9 @@ class ShiftedKeys:
         if self.key_class is None:
             return
         lag, runs = self._per_slot()
-        sizes = torch.zeros(lag.shape, dtype=runs.dtype, device=runs.device).scatter_add_(-1, runs, torch.ones_like(runs))
+        sizes = torch.zeros(lag.shape, dtype=runs.dtype, device=runs.device).scatter_add_(
+            -1, runs, torch.ones_like(runs)
+        )
         common = lag.gather(-1, sizes.argmax(-1, keepdim=True))
         self.rotation.rotate_slots(keys, lag.gather(-1, runs) - common, bound)
         self.lag, self.key_class = common, None
@@ -152,8 +155,10 @@ class ShiftedKeys:
     def _per_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``lag`` [B, R, C] and ``key_class`` [B, R, L] (as indices) expanded to the same rows."""
         rows = max(self.lag.shape[1], self.key_class.shape[1])
-        return (self.lag.expand(self.lag.shape[0], rows, -1),
-                self.key_class.long().expand(self.key_class.shape[0], rows, -1))
+        return (
+            self.lag.expand(self.lag.shape[0], rows, -1),
+            self.key_class.long().expand(self.key_class.shape[0], rows, -1),
+        )
 
     def canonical(self, keys: torch.Tensor, bound: int) -> torch.Tensor:
         """A copy of stored keys [B, H, K, D] rotated at the positions the cache reports."""

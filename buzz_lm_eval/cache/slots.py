@@ -24,7 +24,7 @@ class SlotStore:
         self.append(keys, values)
 
     @classmethod
-    def over(cls, keys: torch.Tensor, values: torch.Tensor, n: int, limit: int | None) -> "SlotStore":
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, n: int, limit: int | None) -> SlotStore:
         """A store over existing ``[B, H, capacity, D]`` buffers whose first ``n`` slots are live."""
         store = cls.__new__(cls)
         store._keys, store._values, store.n, store.limit = keys, values, n, limit

@@ -43,4 +43,3 @@ def visible_mask(
         if library_mask is None or plain_causal(library_mask):  # and the new block causal
             remember(visible, PLAIN_CAUSAL, True)  # the kernel's question, answered without a read
     return visible
-

@@ -33,7 +33,9 @@ def in_groups(items: list, key, run, longest_first: bool = False) -> list:
     return results
 
 
-def pad_to_chunks(context: torch.Tensor, generation_kwargs: dict, chunk: int, pad_id: int) -> tuple[torch.Tensor, dict, int]:
+def pad_to_chunks(
+    context: torch.Tensor, generation_kwargs: dict, chunk: int, pad_id: int
+) -> tuple[torch.Tensor, dict, int]:
     """Left-pad the prompts ``context`` [B, T] to a multiple of ``chunk`` (``prefill_chunk``) tokens.
 
     ``generate`` cuts the prompt into chunks from its first column. Padded to a multiple of the
@@ -49,6 +51,8 @@ def pad_to_chunks(context: torch.Tensor, generation_kwargs: dict, chunk: int, pa
     mask = generation_kwargs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(context)
-    generation_kwargs = {**generation_kwargs,
-                         "attention_mask": torch.cat([torch.zeros_like(pad, dtype=mask.dtype), mask], dim=1)}
+    generation_kwargs = {
+        **generation_kwargs,
+        "attention_mask": torch.cat([torch.zeros_like(pad, dtype=mask.dtype), mask], dim=1),
+    }
     return torch.cat([pad, context], dim=1), generation_kwargs, extra

@@ -123,5 +123,7 @@ def check_writable_folder(path: str | Path, what: str) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise ValueError(f"{what}={str(path)!r} cannot be written: no file can be created in {existing} "
-                         f"({exc.strerror or exc}); choose a writable folder") from exc
+        raise ValueError(
+            f"{what}={str(path)!r} cannot be written: no file can be created in {existing} "
+            f"({exc.strerror or exc}); choose a writable folder"
+        ) from exc

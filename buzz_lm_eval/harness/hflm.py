@@ -81,8 +81,10 @@ class BuzzHFLM(HFLM):
         both = sorted(set(arg_dict) & set(extra))
         if both:
             flags = ", ".join(f"{key} (use {CLI_FLAGS.get(key, '--' + key)} {arg_dict[key]})" for key in both)
-            raise ValueError(f"buzz_hf: {flags}: lm-eval's command line sets these itself, so they cannot also "
-                             "be given in --model_args")
+            raise ValueError(
+                f"buzz_hf: {flags}: lm-eval's command line sets these itself, so they cannot also "
+                "be given in --model_args"
+            )
         return cls(**arg_dict, **extra)
 
     def __init__(
@@ -99,8 +101,15 @@ class BuzzHFLM(HFLM):
         **kwargs,
     ):
         # the policy's own keys (sink, window, ...; ``policies.POLICY_PARAMS``) arrive in kwargs
-        cache_args = dict(cache=cache, budget=budget, prefill_chunk=prefill_chunk, score_chunk=score_chunk,
-                          evict=evict, positions=positions, **pop_sizes(kwargs))
+        cache_args = dict(
+            cache=cache,
+            budget=budget,
+            prefill_chunk=prefill_chunk,
+            score_chunk=score_chunk,
+            evict=evict,
+            positions=positions,
+            **pop_sizes(kwargs),
+        )
         pretrained = str(DEFAULT_MODEL_DIR) if pretrained is None else resolve(pretrained)
         check_stats_file(stats_file)
         check_args(pretrained, cache_args, kwargs)
@@ -114,12 +123,12 @@ class BuzzHFLM(HFLM):
             log.info(
                 "buzz_hf: max_length=%d given: prompts are left-truncated and rolling documents cut into "
                 "windows of that length, as lm-eval does; leave it out to stream whole documents through "
-                "the cache (the paper's WikiText setup)", self._max_length,
+                "the cache (the paper's WikiText setup)",
+                self._max_length,
             )
 
     def configure_cache(
-        self, cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, evict=None, positions=None,
-        **sizes
+        self, cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, evict=None, positions=None, **sizes
     ) -> None:
         """Choose the policy for the next requests and restart the run statistics.
 
@@ -140,7 +149,10 @@ class BuzzHFLM(HFLM):
                 "buzz_hf: chunks of %s tokens exceed %d, the most one %s eviction absorbs at threshold=%d: "
                 "after such a chunk the cache can hold more than sink + window + threshold + 1 = %d tokens "
                 "until later steps thin it",
-                max(self.prefill_chunk or 0, self.score_chunk), limit, self.policy.name, self.policy.threshold,
+                max(self.prefill_chunk or 0, self.score_chunk),
+                limit,
+                self.policy.name,
+                self.policy.threshold,
                 self.policy.sink + self.policy.window + self.policy.threshold + 1,
             )
         log.info("buzz_hf: %s", self.describe_run())
@@ -156,15 +168,22 @@ class BuzzHFLM(HFLM):
         if not self.evicting:
             return "cache=full: HFLM's own generate/forward paths, no eviction"
         prefill = self.prefill_chunk or "whole prompt"
-        return (f"cache={self.policy.name} {sizes}{budget}; evict={self.evict}; positions={self.positions}; "
-                f"prefill_chunk={prefill}; score_chunk={self.score_chunk}")
+        return (
+            f"cache={self.policy.name} {sizes}{budget}; evict={self.evict}; positions={self.positions}; "
+            f"prefill_chunk={prefill}; score_chunk={self.score_chunk}"
+        )
 
     def cache_settings(self) -> dict:
         settings = {key: None for key in ("budget", *SIZE_KEYS)}
         settings.update(self.policy.sizes())
-        settings.update(policy=self.policy.name, budget=self.budget, prefill_chunk=self.prefill_chunk,
-                        score_chunk=self.score_chunk if self.evicting else None,
-                        evict=self.evict if self.evicting else None, positions=self.positions)
+        settings.update(
+            policy=self.policy.name,
+            budget=self.budget,
+            prefill_chunk=self.prefill_chunk,
+            score_chunk=self.score_chunk if self.evicting else None,
+            evict=self.evict if self.evicting else None,
+            positions=self.positions,
+        )
         return settings
 
     @classmethod
@@ -241,15 +260,18 @@ class BuzzHFLM(HFLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         if self.evicting and self.evict == "after_prefill":
-            log.warning("buzz_hf: loglikelihood_rolling has no prompt to compress: under evict=after_prefill its "
-                        "documents are scored on an uncompressed cache (use evict=every_forward to measure %s)",
-                        self.policy.name)
+            log.warning(
+                "buzz_hf: loglikelihood_rolling has no prompt to compress: under evict=after_prefill its "
+                "documents are scored on an uncompressed cache (use evict=every_forward to measure %s)",
+                self.policy.name,
+            )
         with self.streaming(self.evicting):
             return self.per_task("loglikelihood_rolling", requests, super().loglikelihood_rolling, disable_tqdm)
 
     def per_task(self, kind: str, requests, run, disable_tqdm: bool) -> list:
         """``run`` the requests of each task in turn (lm-eval hands all tasks in one call), so the
         statistics are recorded per (task, request type); results come back in the original order."""
+
         def run_task(task, members):
             with temporarily(self, "_stats_key", (task, kind)):
                 return run(members, disable_tqdm)
@@ -268,7 +290,9 @@ class BuzzHFLM(HFLM):
             bar.update(len(members))
             return scored
 
-        results = in_groups(requests, lambda request: self.context_in_input(*request[1:]), run_length, longest_first=True)
+        results = in_groups(
+            requests, lambda request: self.context_in_input(*request[1:]), run_length, longest_first=True
+        )
         bar.close()
         return results
 
@@ -290,11 +314,16 @@ class BuzzHFLM(HFLM):
         if self.evicting:
             if self.prefill_chunk is not None:
                 pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-                context, generation_kwargs, extra = pad_to_chunks(context, generation_kwargs, self.prefill_chunk, pad_id)
+                context, generation_kwargs, extra = pad_to_chunks(
+                    context, generation_kwargs, self.prefill_chunk, pad_id
+                )
                 max_length += extra
                 generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
             cache = build_cache(
-                self.model, self.policy, evict=self.evict, prompt_length=context.shape[1],  # the left-padded width
+                self.model,
+                self.policy,
+                evict=self.evict,
+                prompt_length=context.shape[1],  # the left-padded width
                 positions=self.positions,
             )
             generation_kwargs.update(cache_kwargs(self.model, cache))
@@ -311,11 +340,17 @@ class BuzzHFLM(HFLM):
             logits = super()._model_call(inps, attn_mask, labels)
             self.record("loglikelihood", None, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
             return logits
-        cache = build_cache(self.model, self.policy, evict=self.evict, prompt_length=self._prompt_length,
-                            positions=self.positions)
+        cache = build_cache(
+            self.model, self.policy, evict=self.evict, prompt_length=self._prompt_length, positions=self.positions
+        )
         start = time.perf_counter()
-        with torch.no_grad(), torch.autocast(
-            device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
         ):
             forward = cache_kwargs(self.model, cache)
             logits = [self.model(input_ids=part, **forward).logits for part in self.score_parts(inps)]
@@ -344,8 +379,14 @@ class BuzzHFLM(HFLM):
         self.task_stats.setdefault((task, kind), RunStats()).add(stats, rows, tokens, seconds)
         if self.stats_file and self.rank == 0:
             identity = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
-            entry = {"request_type": kind, "task": task, "policy": self.policy.name,
-                     "cache": self.cache_settings(), **identity, **entry}
+            entry = {
+                "request_type": kind,
+                "task": task,
+                "policy": self.policy.name,
+                "cache": self.cache_settings(),
+                **identity,
+                **entry,
+            }
             if kind == "generate_until":
                 texts = getattr(self, "_batch_texts", [])
                 entry["context_sha1"] = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]

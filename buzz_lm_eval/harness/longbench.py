@@ -15,9 +15,10 @@ import math
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lm_eval.utils import sanitize_model_name
 

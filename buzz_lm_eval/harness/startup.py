@@ -66,7 +66,13 @@ def with_tasks(include_path, ours):
     """``include_path`` (None, a path or a list) plus ``ours``, unless already there."""
     from pathlib import Path
 
-    paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    paths = (
+        []
+        if include_path is None
+        else list(include_path)
+        if isinstance(include_path, (list, tuple))
+        else [include_path]
+    )
     if all(Path(p).resolve() != ours for p in paths):
         paths.append(str(ours))
     return paths

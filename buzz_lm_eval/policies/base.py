@@ -111,7 +111,7 @@ class Policy:
     def new_state(self) -> PolicyState:
         return PolicyState()
 
-    def for_layer(self, layer_idx: int, n_layers: int) -> "Policy":
+    def for_layer(self, layer_idx: int, n_layers: int) -> Policy:
         """The policy that layer ``layer_idx`` of ``n_layers`` runs (default: this one)."""
         return self
 
@@ -228,9 +228,7 @@ class Policy:
         return self.drop_size() == length - 1 and state.n_old is None
 
     # -- hooks for subclasses (the same rule, twice) -----------------------------------------
-    def select(
-        self, state: PolicyState, inp: StepInput, current: torch.Tensor | None
-    ) -> Selection | None:
+    def select(self, state: PolicyState, inp: StepInput, current: torch.Tensor | None) -> Selection | None:
         """Any batch, rows with their own padding: a mask of the kept real tokens, or None."""
         raise NotImplementedError
 

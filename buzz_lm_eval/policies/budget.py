@@ -26,7 +26,9 @@ def split_budget(
     if not free:
         if rest != 0:
             shown = ", ".join(f"{k}={v}" for k, v in fixed.items())
-            raise ValueError(f"{policy}: {shown} add up to {total - rest}, but budget={budget} needs {total} (budget - 1)")
+            raise ValueError(
+                f"{policy}: {shown} add up to {total - rest}, but budget={budget} needs {total} (budget - 1)"
+            )
         return fixed
     if rest < len(free):
         fixed_text = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "no fixed parts"

@@ -43,7 +43,7 @@ class BuzzPolicy(Policy):
         self.thin = (stride + 1) // 2
 
     @classmethod
-    def from_budget(cls, budget: int, sink=None, window=None, threshold=None, stride=None) -> "BuzzPolicy":
+    def from_budget(cls, budget: int, sink=None, window=None, threshold=None, stride=None) -> BuzzPolicy:
         stride = DEFAULTS["stride"] if stride is None else stride
         cls(stride=stride).check_bounded()
         given = {"sink": sink, "window": window, "threshold": threshold}

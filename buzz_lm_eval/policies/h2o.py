@@ -27,7 +27,7 @@ class H2OPolicy(Policy):
         self.heavy, self.recent = heavy, recent
 
     @classmethod
-    def from_budget(cls, budget: int, heavy: int | None = None, recent: int | None = None) -> "H2OPolicy":
+    def from_budget(cls, budget: int, heavy: int | None = None, recent: int | None = None) -> H2OPolicy:
         given = {"heavy": heavy, "recent": recent}
         return cls(**split_budget(cls.name, budget, given, defaults={}, weights={"recent": 1, "heavy": 1}))
 

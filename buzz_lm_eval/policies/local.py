@@ -22,9 +22,11 @@ class LocalPolicy(Policy):
         self.window = window
 
     @classmethod
-    def from_budget(cls, budget: int, window: int | None = None) -> "LocalPolicy":
+    def from_budget(cls, budget: int, window: int | None = None) -> LocalPolicy:
         if window is not None and window != budget - 1:
-            raise ValueError(f"local: window={window} disagrees with budget={budget} (window = budget - 1 = {budget - 1})")
+            raise ValueError(
+                f"local: window={window} disagrees with budget={budget} (window = budget - 1 = {budget - 1})"
+            )
         return cls(window=budget - 1)
 
     def select(self, state, inp, current):

@@ -28,8 +28,14 @@ class PyramidKVPolicy(SnapKVPolicy):
     name = "pyramidkv"
     params = ("heavy", "observation", "kernel", "pooling", "beta")
 
-    def __init__(self, heavy: int = 2016, observation: int = OBSERVATION, kernel: int = KERNEL,
-                 pooling: str = POOLING, beta: int = 20):
+    def __init__(
+        self,
+        heavy: int = 2016,
+        observation: int = OBSERVATION,
+        kernel: int = KERNEL,
+        pooling: str = POOLING,
+        beta: int = 20,
+    ):
         super().__init__(heavy, observation, kernel, pooling)
         check_sizes(self.name, {"beta": beta}, {})
         self.beta = beta

@@ -77,7 +77,7 @@ class RandomPolicy(RankedPolicy):
         check_sizes(self.name, {"seed": seed}, {"seed": 0})
         self.seed, self.layer = seed, layer
 
-    def for_layer(self, layer_idx: int, n_layers: int) -> "RandomPolicy":
+    def for_layer(self, layer_idx: int, n_layers: int) -> RandomPolicy:
         layer = RandomPolicy(self.capacity, self.seed, layer_idx)
         layer.budget = self.budget
         return layer

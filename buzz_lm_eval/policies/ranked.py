@@ -48,7 +48,7 @@ class RankedPolicy(Policy):
         self.capacity = capacity
 
     @classmethod
-    def from_budget(cls, budget: int, capacity: int | None = None, **options) -> "RankedPolicy":
+    def from_budget(cls, budget: int, capacity: int | None = None, **options) -> RankedPolicy:
         sizes = split_budget(cls.name, budget, {"capacity": capacity}, defaults={}, weights={"capacity": 1})
         return cls(**sizes, **{k: v for k, v in options.items() if v is not None})
 

@@ -22,10 +22,12 @@ class StreamingPolicy(Policy):
         self.sink, self.window = sink, window
 
     @classmethod
-    def from_budget(cls, budget: int, sink: int | None = None, window: int | None = None) -> "StreamingPolicy":
+    def from_budget(cls, budget: int, sink: int | None = None, window: int | None = None) -> StreamingPolicy:
         from .budget import split_budget
 
-        sizes = split_budget(cls.name, budget, {"sink": sink, "window": window}, defaults={"sink": 4}, weights={"window": 1})
+        sizes = split_budget(
+            cls.name, budget, {"sink": sink, "window": window}, defaults={"sink": 4}, weights={"window": 1}
+        )
         return cls(**sizes)
 
     def select(self, state, inp, current):

@@ -12,9 +12,10 @@ import io
 import itertools
 import math
 import re
+from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from buzz_lm_eval.report.plots import slug
 
@@ -69,8 +70,11 @@ def heatmap_png(rows: list[Row]) -> bytes:
     axes.set_xlabel("context length (tokens)")
     axes.set_ylabel("needle depth")
     first, values = rows[0], list(cells.values())
-    axes.set_title(f"{first['task']} {cell(first)[0]} — {first['model']}, {run_label(first)}\n"
-                   f"mean {sum(values) / len(values):.3f} over {len(values)} cells", fontsize=9)
+    axes.set_title(
+        f"{first['task']} {cell(first)[0]} — {first['model']}, {run_label(first)}\n"
+        f"mean {sum(values) / len(values):.3f} over {len(values)} cells",
+        fontsize=9,
+    )
     figure.colorbar(image, ax=axes, label=cell(first)[0])
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -81,8 +85,7 @@ def render_heatmaps(rows: list[Row]) -> dict[str, bytes]:
     """PNG file name -> bytes, one heatmap per model, task, filter, policy, budget and base metric."""
     import matplotlib  # noqa: F401  (fail early and clearly when the extra is missing)
 
-    cells = sorted((row for row in rows if is_cell(row)),
-                   key=lambda row: (*run_key(row), cell(row)[0]))
+    cells = sorted((row for row in rows if is_cell(row)), key=lambda row: (*run_key(row), cell(row)[0]))
     images = {}
     for _, group in itertools.groupby(cells, key=lambda row: (run_key(row), cell(row)[0])):
         group = list(group)

@@ -30,20 +30,42 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from buzz_lm_eval.harness.files import write_atomic
 from buzz_lm_eval.report.heatmaps import is_cell, write_heatmaps
 from buzz_lm_eval.report.plots import write_plots
 from buzz_lm_eval.report.results_reader import (
-    ModelId, Run, SkipFile, canonical, find_results, load_run, number, printable, task_settings, task_stats,
+    ModelId,
+    Run,
+    SkipFile,
+    canonical,
+    find_results,
+    load_run,
+    number,
+    printable,
+    task_settings,
+    task_stats,
 )
 
-POLICY_ORDER = ("full", "local", "streaming", "h2o", "buzz", "buzz_fast", "buzz_nomax", "snapkv", "pyramidkv", "tova",
-                "knorm", "random")
+POLICY_ORDER = (
+    "full",
+    "local",
+    "streaming",
+    "h2o",
+    "buzz",
+    "buzz_fast",
+    "buzz_nomax",
+    "snapkv",
+    "pyramidkv",
+    "tova",
+    "knorm",
+    "random",
+)
 RELATIVE_QUALITY_NOTE = (
     "relative_quality is value / full (full / value for lower-is-better metrics), "
     "so above 1 beats the full cache; null without a full-cache run of the same model and settings"
@@ -123,8 +145,10 @@ def newest_entries(runs: list[Run]) -> list[tuple[Run, str, dict[str, Any]]]:
                 dropped.setdefault((kept[key][0].source, run.source), []).append(task)
             kept[key] = (run, settings)
     for (old, new), tasks in dropped.items():
-        warn(f"duplicate runs (same model, settings and cache) for {', '.join(tasks)}: {old} and {new}; "
-             f"keeping {new} (rule: the later 'date' in the JSON, then the later file name)")
+        warn(
+            f"duplicate runs (same model, settings and cache) for {', '.join(tasks)}: {old} and {new}; "
+            f"keeping {new} (rule: the later 'date' in the JSON, then the later file name)"
+        )
     return [(run, key[1], settings) for key, (run, settings) in kept.items()]
 
 
@@ -170,12 +194,26 @@ def entry_rows(run: Run, task: str, settings: dict[str, Any], name: str) -> Iter
             warn(f"{run.source}: {task} {metric},{filter_name} is {raw!r}; kept as a row without a value")
         higher = directions.get(metric)
         yield {
-            "model": name, "task": task, "metric": metric, "filter": filter_name,
-            "policy": run.policy, "budget": run.budget, "value": value, "stderr": stderr,
+            "model": name,
+            "task": task,
+            "metric": metric,
+            "filter": filter_name,
+            "policy": run.policy,
+            "budget": run.budget,
+            "value": value,
+            "stderr": stderr,
             "higher_is_better": higher if isinstance(higher, bool) else None,
-            "relative_quality": None, "full_value": None, "full_source": None, **stats, "stats_scope": scope,
-            "n_samples": sample_count(run.data, task), "source": run.source, "model_id": asdict(run.model),
-            "settings": settings, "cache": run.cache, "comparison": comparison_id(run.model, task, settings),
+            "relative_quality": None,
+            "full_value": None,
+            "full_source": None,
+            **stats,
+            "stats_scope": scope,
+            "n_samples": sample_count(run.data, task),
+            "source": run.source,
+            "model_id": asdict(run.model),
+            "settings": settings,
+            "cache": run.cache,
+            "comparison": comparison_id(run.model, task, settings),
             "notes": notes,
         }
 
@@ -190,6 +228,7 @@ def relative_quality(value: float | None, full: float | None, higher: bool | Non
 
 def differences(here: dict[str, Any], there: dict[str, Any]) -> str:
     """``key (A there, B here)`` for every setting that differs."""
+
     def short(value: Any) -> str:
         text = canonical(value)
         return text if len(text) <= 60 else text[:57] + "..."
@@ -213,12 +252,15 @@ def add_relative_quality(rows: list[dict[str, Any]]) -> None:
         match = next((c for c in candidates if c["comparison"] == row["comparison"]), None)
         if match is None:
             why = [f"{c['source']} differs in {differences(row['settings'], c['settings'])}" for c in candidates]
-            row["notes"].append("no comparable full-cache run: " + "; ".join(why) if why
-                                else "no full-cache run of this model and task")
+            row["notes"].append(
+                "no comparable full-cache run: " + "; ".join(why) if why else "no full-cache run of this model and task"
+            )
             for candidate, text in zip(candidates, why):
-                mismatches.setdefault((row["comparison"], candidate["source"]),
-                                      f"{row['task']} ({row['model']}, e.g. {row['source']}): no relative "
-                                      f"quality, the full-cache run {text}")
+                mismatches.setdefault(
+                    (row["comparison"], candidate["source"]),
+                    f"{row['task']} ({row['model']}, e.g. {row['source']}): no relative "
+                    f"quality, the full-cache run {text}",
+                )
             continue
         row["full_value"], row["full_source"] = match["value"], match["source"]
         row["relative_quality"] = relative_quality(row["value"], match["value"], row["higher_is_better"])
@@ -230,15 +272,22 @@ def row_order(row: dict[str, Any]) -> tuple:
     """Task, metric, model, comparison, then budget (full first) and policy in the canonical order."""
     policy, budget = row["policy"], row["budget"]
     rank = POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER)
-    return (*itemgetter("task", "metric", "filter", "model", "comparison")(row), budget is not None,
-            budget or 0, rank, policy, canonical(row["cache"]))
+    return (
+        *itemgetter("task", "metric", "filter", "model", "comparison")(row),
+        budget is not None,
+        budget or 0,
+        rank,
+        policy,
+        canonical(row["cache"]),
+    )
 
 
 def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """All leaderboard rows, with relative quality, in display order."""
     names = display_names(run.model for run in runs)
-    rows = [row for run, task, settings in newest_entries(runs)
-            for row in entry_rows(run, task, settings, names[run.model])]
+    rows = [
+        row for run, task, settings in newest_entries(runs) for row in entry_rows(run, task, settings, names[run.model])
+    ]
     add_relative_quality(rows)
     return sorted(rows, key=row_order)
 
@@ -249,10 +298,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="buzz-lm-eval leaderboard",
         description="Compare KV-cache eviction policies at equal budgets from lm-eval results.",
     )
-    parser.add_argument("results_dir", metavar="RESULTS_DIR", type=Path,
-                        help="searched recursively for lm-eval results files (*.json)")
-    parser.add_argument("--output", metavar="DIR", type=Path,
-                        help="where leaderboard.json/.md and the PNGs go (default: RESULTS_DIR)")
+    parser.add_argument(
+        "results_dir", metavar="RESULTS_DIR", type=Path, help="searched recursively for lm-eval results files (*.json)"
+    )
+    parser.add_argument(
+        "--output", metavar="DIR", type=Path, help="where leaderboard.json/.md and the PNGs go (default: RESULTS_DIR)"
+    )
     return parser.parse_args(argv)
 
 
@@ -287,8 +338,12 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         warn(f"could not write the leaderboard: {exc}")
         return 1
-    print(printable(f"leaderboard: {len(rows)} rows from {len(scan.runs)} results files, "
-                    f"{len(scan.skipped)} skipped -> {out_dir}/leaderboard.json, leaderboard.md, {n_plots} plots"))
+    print(
+        printable(
+            f"leaderboard: {len(rows)} rows from {len(scan.runs)} results files, "
+            f"{len(scan.skipped)} skipped -> {out_dir}/leaderboard.json, leaderboard.md, {n_plots} plots"
+        )
+    )
     if scan.skipped:
         warn(f"{len(scan.skipped)} results file(s) skipped (named above), so the exit code is 1")
         return 1

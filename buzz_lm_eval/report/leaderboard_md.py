@@ -54,11 +54,19 @@ def markdown_row(row: Row, cache_keys: list[str], shared: list[str]) -> str:
     """One Markdown table line for a leaderboard row."""
     cache = [", ".join(f"{key}={compact(row['cache'].get(key))}" for key in cache_keys)] if cache_keys else []
     cells = [
-        row["model"], row["policy"], "full" if row["budget"] is None else str(row["budget"]), *cache,
-        fmt(row["value"], ".4f"), fmt(row["stderr"], ".4f"), fmt(row["relative_quality"], ".3f"),
-        fmt(row["compression_ratio"], ".2f", "×"), fmt_bytes(row["kv_bytes_peak"]),
-        fmt(row["kept_tokens_peak"], ".0f"), fmt(row["tokens_per_second"], ".1f"),
-        fmt(row["n_samples"], "d"), "; ".join(note for note in row["notes"] if note not in shared),
+        row["model"],
+        row["policy"],
+        "full" if row["budget"] is None else str(row["budget"]),
+        *cache,
+        fmt(row["value"], ".4f"),
+        fmt(row["stderr"], ".4f"),
+        fmt(row["relative_quality"], ".3f"),
+        fmt(row["compression_ratio"], ".2f", "×"),
+        fmt_bytes(row["kv_bytes_peak"]),
+        fmt(row["kept_tokens_peak"], ".0f"),
+        fmt(row["tokens_per_second"], ".1f"),
+        fmt(row["n_samples"], "d"),
+        "; ".join(note for note in row["notes"] if note not in shared),
     ]
     return "| " + " | ".join(cell(text) for text in cells) + " |"
 
@@ -68,8 +76,11 @@ def settings_line(row: Row) -> str:
     model = row["model_id"]
     identity = [f"`{model['path']}`", f"revision {model['revision']}"]
     identity += [f"{key} {model[key]}" for key in ("sha", "peft", "delta") if model[key]]
-    settings = [key if value is True else f"{key} {compact(value)}"
-                for key, value in row["settings"].items() if value not in (None, False)]
+    settings = [
+        key if value is True else f"{key} {compact(value)}"
+        for key, value in row["settings"].items()
+        if value not in (None, False)
+    ]
     return f"{row['model']} ({', '.join(identity)}) · " + " · ".join(settings)
 
 
@@ -80,12 +91,31 @@ def markdown_section(rows: list[Row]) -> str:
     direction = f", {DIRECTIONS[higher]}" if higher in DIRECTIONS else ""
     cache_keys = varying_cache_keys(rows)
     shared = [note for note in first["notes"] if all(note in row["notes"] for row in rows)]
-    columns = ["model", "policy", "budget", *(["cache settings"] if cache_keys else []), first["metric"],
-               "± stderr", "rel. quality", "compression", "KV peak", "kept peak", "tok/s", "n", "notes"]
+    columns = [
+        "model",
+        "policy",
+        "budget",
+        *(["cache settings"] if cache_keys else []),
+        first["metric"],
+        "± stderr",
+        "rel. quality",
+        "compression",
+        "KV peak",
+        "kept peak",
+        "tok/s",
+        "n",
+        "notes",
+    ]
     aligns = ["---", "---", "---:", *(["---"] if cache_keys else []), *["---:"] * 8, "---"]
-    lines = [f"### {first['task']} · {first['metric']} (filter {first['filter']}{direction})", "",
-             cell(settings_line(first)), "", *([f"Every row: {'; '.join(shared)}.", ""] if shared else []),
-             "| " + " | ".join(columns) + " |", "|" + "|".join(aligns) + "|"]
+    lines = [
+        f"### {first['task']} · {first['metric']} (filter {first['filter']}{direction})",
+        "",
+        cell(settings_line(first)),
+        "",
+        *([f"Every row: {'; '.join(shared)}.", ""] if shared else []),
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(aligns) + "|",
+    ]
     return "\n".join(lines + [markdown_row(row, cache_keys, shared) for row in rows])
 
 

@@ -24,5 +24,11 @@ def hardware() -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda_device": cuda}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_device": cuda,
+    }

@@ -11,12 +11,24 @@ from __future__ import annotations
 import io
 import itertools
 import re
+from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-MARKERS = {"local": "s", "streaming": "^", "h2o": "v", "buzz": "o", "buzz_fast": "D",
-           "buzz_nomax": "P", "snapkv": "X", "pyramidkv": "*", "tova": "h", "knorm": "<", "random": ">"}
+MARKERS = {
+    "local": "s",
+    "streaming": "^",
+    "h2o": "v",
+    "buzz": "o",
+    "buzz_fast": "D",
+    "buzz_nomax": "P",
+    "snapkv": "X",
+    "pyramidkv": "*",
+    "tova": "h",
+    "knorm": "<",
+    "random": ">",
+}
 SPARE_MARKERS = ("p", "d", "8", "H", "1", "2")
 PLOT_KEY = ("model", "task", "metric", "filter", "comparison")
 DIRECTIONS = {True: "higher is better", False: "lower is better"}
@@ -56,11 +68,10 @@ def series(rows: list[Row], *fields: str) -> dict[str, list[Row]]:
 
 def new_axes() -> Any:
     """Axes on a Figure bound to the Agg canvas, independent of pyplot's global state."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from cycler import cycler
     from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
@@ -104,8 +115,12 @@ def plot_vs_budget(rows: list[Row]) -> bytes | None:
         axes.axhline(full["value"], linestyle="--", color="black", label="full cache")
     budget_axis(axes, [p["budget"] for points in lines.values() for p in points])
     first = rows[0]
-    return finish(axes, f"{first['task']}: {first['metric']} vs KV budget — {first['model']}",
-                  "KV-cache budget (tokens kept)", f"{first['metric']} ({direction(first)})")
+    return finish(
+        axes,
+        f"{first['task']}: {first['metric']} vs KV budget — {first['model']}",
+        "KV-cache budget (tokens kept)",
+        f"{first['metric']} ({direction(first)})",
+    )
 
 
 def plot_vs_compression(rows: list[Row]) -> bytes | None:
@@ -118,16 +133,18 @@ def plot_vs_compression(rows: list[Row]) -> bytes | None:
         xs, ys = [p["compression_ratio"] for p in points], [p["relative_quality"] for p in points]
         axes.scatter(xs, ys, marker=marker(policy), s=50, label=policy)
         for x, y, point in zip(xs, ys, points):
-            axes.annotate(str(point["budget"]), (x, y), textcoords="offset points",
-                          xytext=(4, 4), fontsize=7)
+            axes.annotate(str(point["budget"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.axhline(1.0, linestyle="--", color="black", label="full cache")
     axes.set_xscale("log", base=2)
     axes.xaxis.set_major_formatter("{x:g}×")
     first = rows[0]
     title = f"{first['task']}: quality vs compression — {first['model']} (labels: budget)"
-    return finish(axes, title,
-                  "measured KV compression ratio (log scale, higher = smaller cache)",
-                  f"relative {first['metric']} (full cache = 1, above is better)")
+    return finish(
+        axes,
+        title,
+        "measured KV compression ratio (log scale, higher = smaller cache)",
+        f"relative {first['metric']} (full cache = 1, above is better)",
+    )
 
 
 def render_plots(rows: list[Row]) -> dict[str, bytes]:
@@ -153,8 +170,10 @@ def write_plots(rows: list[Row], out_dir: Path, write: Callable[[Path, bytes], N
     try:
         images = render_plots(rows)
     except ImportError:
-        print("leaderboard: matplotlib is not installed, so no plots were drawn "
-              "(pip install 'buzz-lm-eval[plots]'); JSON and Markdown were still written")
+        print(
+            "leaderboard: matplotlib is not installed, so no plots were drawn "
+            "(pip install 'buzz-lm-eval[plots]'); JSON and Markdown were still written"
+        )
         return 0
     for name, png in images.items():
         write(out_dir / name, png)

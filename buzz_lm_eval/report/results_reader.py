@@ -127,14 +127,26 @@ def model_id(data: dict[str, Any]) -> ModelId:
     config, args = data["config"], model_args(data["config"])
     source = config.get("model_source")
     if isinstance(source, dict) and source.get("model"):  # an offline model (offline_models.py)
-        name = f"{source['model']} ({source.get('quantisation')} GGUF, {source.get('package')}=={source.get('version')})"
+        name = (
+            f"{source['model']} ({source.get('quantisation')} GGUF, {source.get('package')}=={source.get('version')})"
+        )
         return ModelId(name, "main", str(source.get("sha256")), None, None)
-    path = (args.get("pretrained") or config.get("model_name_or_path") or data.get("model_name")
-            or config.get("model") or "unknown")
+    path = (
+        args.get("pretrained")
+        or config.get("model_name_or_path")
+        or data.get("model_name")
+        or config.get("model")
+        or "unknown"
+    )
     revision = config.get("model_revision") or args.get("revision") or "main"
     shas = [config.get(key) for key in ("model_sha", "peft_sha", "delta_sha") if config.get(key)]
-    return ModelId(str(path), str(revision), "+".join(map(str, shas)) or None,
-                   args.get("peft") and str(args["peft"]), args.get("delta") and str(args["delta"]))
+    return ModelId(
+        str(path),
+        str(revision),
+        "+".join(map(str, shas)) or None,
+        args.get("peft") and str(args["peft"]),
+        args.get("delta") and str(args["delta"]),
+    )
 
 
 def cache_of(data: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
@@ -196,7 +208,8 @@ def task_settings(data: dict[str, Any], task: str) -> dict[str, Any]:
         "chat_template": chat or None,
         "system_instruction": data.get("system_instruction_sha"),
         "fewshot_as_multiturn": data.get("fewshot_as_multiturn") if chat else None,
-        "generation_kwargs": generation[leaves[0]] if len({canonical(g) for g in generation.values()}) == 1
+        "generation_kwargs": generation[leaves[0]]
+        if len({canonical(g) for g in generation.values()}) == 1
         else generation,
         "max_length": data.get("max_length"),
         "predict_only": is_predict_only(data, task),
@@ -212,8 +225,7 @@ def task_stats(run: Run, task: str) -> tuple[dict[str, float | None], str | None
         return dict.fromkeys(STAT_FIELDS), None
     per_task = cache.get("per_task")
     if isinstance(per_task, dict):
-        summaries = [summary for leaf in leaf_tasks(run.data, task)
-                     for summary in (per_task.get(leaf) or {}).values()]
+        summaries = [summary for leaf in leaf_tasks(run.data, task) for summary in (per_task.get(leaf) or {}).values()]
         try:
             merged = combine(summaries) if summaries else None
         except (KeyError, TypeError, ValueError):

@@ -33,13 +33,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from buzz_lm_eval.report import sweep_resume
 from buzz_lm_eval.harness.files import check_writable_folder, write_atomic
 from buzz_lm_eval.harness.hflm import BuzzHFLM
 from buzz_lm_eval.harness.offline_models import resolve
+from buzz_lm_eval.policies import POLICY_NAMES, build_policy
+from buzz_lm_eval.report import sweep_resume
 from buzz_lm_eval.report.machine import hardware
 from buzz_lm_eval.report.sweep_args import parse_args, split_model_args
-from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +107,14 @@ def resolve_tasks(requested: list[str], task_manager) -> tuple[list[str], list[s
 
 def cache_kwargs(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     """The cache settings of one run (``BuzzHFLM.configure_cache`` keywords)."""
-    return {"cache": run.policy, "budget": run.budget, "evict": run.evict,
-            "prefill_chunk": args.prefill_chunk, "score_chunk": args.score_chunk,
-            "positions": None if run.policy == "full" else args.positions}
+    return {
+        "cache": run.policy,
+        "budget": run.budget,
+        "evict": run.evict,
+        "prefill_chunk": args.prefill_chunk,
+        "score_chunk": args.score_chunk,
+        "positions": None if run.policy == "full" else args.positions,
+    }
 
 
 def run_model_args(sweep: Sweep, run: Run) -> str:
@@ -139,25 +144,35 @@ def evaluate(lm, sweep: Sweep, run: Run) -> tuple[dict[str, Any], dict[str, list
     sweep block; the samples by task, empty without ``--log_samples``)."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
-
     from lm_eval.utils import hash_string
 
     args = sweep.args
     lm.configure_cache(**cache_kwargs(args, run))
     tracker = EvaluationTracker()
     results = simple_evaluate(
-        model=lm, model_args=run_model_args(sweep, run), tasks=sweep.tasks, task_manager=sweep.task_manager,
-        limit=args.limit, log_samples=args.log_samples, evaluation_tracker=tracker, device=str(lm.device),
-        batch_size=lm.batch_size, apply_chat_template=args.apply_chat_template, gen_kwargs=args.gen_kwargs,
-        system_instruction=args.system_instruction, num_fewshot=args.num_fewshot,
+        model=lm,
+        model_args=run_model_args(sweep, run),
+        tasks=sweep.tasks,
+        task_manager=sweep.task_manager,
+        limit=args.limit,
+        log_samples=args.log_samples,
+        evaluation_tracker=tracker,
+        device=str(lm.device),
+        batch_size=lm.batch_size,
+        apply_chat_template=args.apply_chat_template,
+        gen_kwargs=args.gen_kwargs,
+        system_instruction=args.system_instruction,
+        num_fewshot=args.num_fewshot,
     )
     # simple_evaluate names an LM object by its checkpoint; config.buzz_cache comes from get_model_info
     results["config"]["model"] = "buzz_hf"
     tracker.general_config_tracker.model_source = "buzz_hf"
     tracker.general_config_tracker.log_end_time()
     samples = results.pop("samples", None) or {}
-    hashes = {task: hash_string("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in rows))
-              for task, rows in samples.items()}  # as lm-eval's own tracker records them
+    hashes = {
+        task: hash_string("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in rows))
+        for task, rows in samples.items()
+    }  # as lm-eval's own tracker records them
     return {**results, "task_hashes": hashes, **dataclasses.asdict(tracker.general_config_tracker)}, samples
 
 
@@ -195,8 +210,9 @@ def headline(results: dict[str, Any]) -> str:
     """The first metric of each task and the compression ratio, for the log line."""
     parts = []
     for task, values in results["results"].items():
-        metric = next((k for k, v in values.items() if "," in k and "_stderr" not in k
-                       and isinstance(v, (int, float))), None)
+        metric = next(
+            (k for k, v in values.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))), None
+        )
         if metric:
             parts.append(f"{task} {metric.split(',')[0]}={values[metric]:.4g}")
     ratio = results["config"]["buzz_cache"].get("compression_ratio")
@@ -211,10 +227,17 @@ def execute(lm, sweep: Sweep, run: Run) -> str:
         leftover.unlink()
     started, wall = datetime.now(timezone.utc).isoformat(), time.perf_counter()
     results, samples = evaluate(lm, sweep, run)
-    results["sweep"] = {"command": sweep.command, "run": run.name, "model": sweep.model, "tasks": sweep.tasks,
-                        "apply_chat_template": sweep.args.apply_chat_template,
-                        **sweep_resume.prompt_settings(sweep.args), "hardware": sweep.hardware,
-                        "date": started, "wall_seconds": round(time.perf_counter() - wall, 3)}
+    results["sweep"] = {
+        "command": sweep.command,
+        "run": run.name,
+        "model": sweep.model,
+        "tasks": sweep.tasks,
+        "apply_chat_template": sweep.args.apply_chat_template,
+        **sweep_resume.prompt_settings(sweep.args),
+        "hardware": sweep.hardware,
+        "date": started,
+        "wall_seconds": round(time.perf_counter() - wall, 3),
+    }
     path = save(run_dir, results, samples)
     return f"{run.name}: done in {results['sweep']['wall_seconds']:.1f} s; {headline(results)} -> {path}"
 
@@ -235,16 +258,15 @@ def run_grid(lm, sweep: Sweep, pending: list[Run], total: int, finished: list[st
                     traceback.print_exc()
                 reason = (str(exc).strip().splitlines() or [""])[0]
                 hint = "" if sweep.args.verbose else " (--verbose shows the traceback)"
-                tqdm.write(f"sweep: {run.name} FAILED ({type(exc).__name__}: {reason}); continuing{hint}",
-                           file=sys.stderr)
+                tqdm.write(
+                    f"sweep: {run.name} FAILED ({type(exc).__name__}: {reason}); continuing{hint}", file=sys.stderr
+                )
                 failed.append(run.name)
             bar.update()
     return failed
 
 
-def validate(
-    args: argparse.Namespace, metadata: dict[str, Any]
-) -> tuple[list[Run], list[str], Any, list[str]]:
+def validate(args: argparse.Namespace, metadata: dict[str, Any]) -> tuple[list[Run], list[str], Any, list[str]]:
     """(valid runs, valid tasks, TaskManager, problems), reporting every problem."""
     from lm_eval.tasks import TaskManager
 
@@ -304,8 +326,10 @@ def sweep_main(argv: list[str], finished: list[str]) -> int:
         finished.append(run.name)
     pending = [run for run in runs if run not in done]
     failed = run_grid(load_model(kwargs), sweep, pending, len(runs), finished) if pending else []
-    print(f"sweep: {len(runs) - len(failed)} of {len(runs)} runs have results under {args.output}/"
-          f" ({len(pending) - len(failed)} new, {len(done)} already there, {len(failed)} failed)")
+    print(
+        f"sweep: {len(runs) - len(failed)} of {len(runs)} runs have results under {args.output}/"
+        f" ({len(pending) - len(failed)} new, {len(done)} already there, {len(failed)} failed)"
+    )
     print(f"leaderboard: buzz-lm-eval leaderboard {shlex.quote(str(args.output))}")
     return 1 if problems or failed else 0
 
@@ -319,8 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(argv, finished)
     except KeyboardInterrupt:
         names = ", ".join(finished) or "none"
-        print(f"\nsweep: interrupted; runs with results: {names}; resume with: "
-              f"{shlex.join(['buzz-lm-eval', 'sweep', *argv])}", file=sys.stderr, flush=True)
+        print(
+            f"\nsweep: interrupted; runs with results: {names}; resume with: "
+            f"{shlex.join(['buzz-lm-eval', 'sweep', *argv])}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
 
 

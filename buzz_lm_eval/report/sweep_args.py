@@ -50,8 +50,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="buzz-lm-eval sweep",
         description="Run a grid of KV-cache policies and budgets through lm-eval, loading the model once.",
     )
-    parser.add_argument("--model_args", default="", help="buzz_hf/hf model_args without cache settings "
-                        f"(default pretrained: the shipped {DEFAULT_MODEL_DIR.name})")
+    parser.add_argument(
+        "--model_args",
+        default="",
+        help=f"buzz_hf/hf model_args without cache settings (default pretrained: the shipped {DEFAULT_MODEL_DIR.name})",
+    )
     parser.add_argument("--policies", type=names, required=True, help="e.g. full,streaming,h2o,buzz")
     parser.add_argument("--budgets", type=budgets, default=[], help="KV-token budgets, e.g. 128,256,512")
     parser.add_argument("--tasks", type=names, required=True, help="lm-eval task or group names")
@@ -59,20 +62,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--limit", type=float, help="documents per task (below 1: a fraction)")
     parser.add_argument("--prefill_chunk", type=positive_int, help="buzz_hf prefill_chunk")
     parser.add_argument("--score_chunk", type=positive_int, help="buzz_hf score_chunk")
-    parser.add_argument("--positions", choices=POSITION_MODES, default="shifted",
-                        help="RoPE positions of kept tokens (buzz_hf positions; default shifted, the authors' rule)")
+    parser.add_argument(
+        "--positions",
+        choices=POSITION_MODES,
+        default="shifted",
+        help="RoPE positions of kept tokens (buzz_hf positions; default shifted, the authors' rule)",
+    )
     parser.add_argument("--evict", choices=EVICT_MODES, help="buzz_hf evict for every run (default: each policy's own)")
     parser.add_argument("--apply_chat_template", action="store_true", help="as in lm_eval")
     parser.add_argument("--gen_kwargs", help="as in lm_eval, e.g. max_gen_toks=64")
-    parser.add_argument("--metadata", type=json.loads, default={},
-                        help='task metadata JSON as in lm_eval, e.g. \'{"max_seq_lengths":[1024,2048]}\'')
+    parser.add_argument(
+        "--metadata",
+        type=json.loads,
+        default={},
+        help="task metadata JSON as in lm_eval, e.g. '{\"max_seq_lengths\":[1024,2048]}'",
+    )
     parser.add_argument("--system_instruction", help="as in lm_eval")
     parser.add_argument("--num_fewshot", type=int, help="as in lm_eval")
-    parser.add_argument("--log_samples", action="store_true",
-                        help="as in lm_eval: samples_<task>_<date>.jsonl next to each results file")
-    parser.add_argument("--shard", type=shard, default=(1, 1), metavar="K/N",
-                        help="run only every N-th run of the grid, starting with the K-th (1-based), so N processes, "
-                             "GPUs or array jobs share one grid into one --output; the leaderboard merges them")
+    parser.add_argument(
+        "--log_samples",
+        action="store_true",
+        help="as in lm_eval: samples_<task>_<date>.jsonl next to each results file",
+    )
+    parser.add_argument(
+        "--shard",
+        type=shard,
+        default=(1, 1),
+        metavar="K/N",
+        help="run only every N-th run of the grid, starting with the K-th (1-based), so N processes, "
+        "GPUs or array jobs share one grid into one --output; the leaderboard merges them",
+    )
     parser.add_argument("--verbose", action="store_true", help="print the full traceback of a failed run")
     return parser.parse_args(argv)
 
@@ -84,8 +103,10 @@ def split_model_args(model_args: str) -> tuple[str, dict[str, Any]]:
     kwargs = simple_parse_args_string(model_args)
     reserved = sorted(set(kwargs) & set(OWN_KEYS))
     if reserved:
-        raise ValueError(f"--model_args must not set {', '.join(reserved)}: the sweep sets the cache "
-                         "(use --policies/--budgets/--positions/--prefill_chunk/--score_chunk)")
+        raise ValueError(
+            f"--model_args must not set {', '.join(reserved)}: the sweep sets the cache "
+            "(use --policies/--budgets/--positions/--prefill_chunk/--score_chunk)"
+        )
     if "pretrained" not in kwargs:
         kwargs["pretrained"] = str(DEFAULT_MODEL_DIR)
         model_args = ",".join(filter(None, [f"pretrained={DEFAULT_MODEL_DIR}", model_args.strip(",")]))

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from buzz_lm_eval.report.results_reader import canonical, normalised
 from buzz_lm_eval.harness.run_stats import STAT_KEYS
+from buzz_lm_eval.report.results_reader import canonical, normalised
 
 
 def parsed_args(text: str | dict | None) -> dict[str, Any]:
@@ -35,16 +35,23 @@ def top_level_tasks(data: dict[str, Any]) -> list[str]:
 def expected(model_args: str, cache: dict[str, Any], tasks: list[str], args: Any) -> dict[str, Any]:
     """The settings a run of this sweep command will store."""
     return {
-        "model_args": parsed_args(model_args), "cache": cache, "tasks": sorted(tasks),
-        "limit": normalised(args.limit), "gen_kwargs": parsed_args(args.gen_kwargs) or None,
-        "apply_chat_template": bool(args.apply_chat_template), **prompt_settings(args),
+        "model_args": parsed_args(model_args),
+        "cache": cache,
+        "tasks": sorted(tasks),
+        "limit": normalised(args.limit),
+        "gen_kwargs": parsed_args(args.gen_kwargs) or None,
+        "apply_chat_template": bool(args.apply_chat_template),
+        **prompt_settings(args),
     }
 
 
 def prompt_settings(args: Any) -> dict[str, Any]:
     """The sweep options that change the prompts or the tasks' data (recorded in the sweep block)."""
-    return {"metadata": args.metadata or None, "system_instruction": args.system_instruction,
-            "num_fewshot": args.num_fewshot}
+    return {
+        "metadata": args.metadata or None,
+        "system_instruction": args.system_instruction,
+        "num_fewshot": args.num_fewshot,
+    }
 
 
 def stored(data: dict[str, Any]) -> dict[str, Any]:
@@ -55,8 +62,10 @@ def stored(data: dict[str, Any]) -> dict[str, Any]:
     return {
         "model_args": parsed_args(config.get("model_args")),
         "cache": {key: value for key, value in cache.items() if key not in STAT_KEYS},
-        "tasks": sorted(sweep.get("tasks") or top_level_tasks(data)), "limit": normalised(config.get("limit")),
-        "gen_kwargs": parsed_args(config.get("gen_kwargs")) or None, "apply_chat_template": bool(chat),
+        "tasks": sorted(sweep.get("tasks") or top_level_tasks(data)),
+        "limit": normalised(config.get("limit")),
+        "gen_kwargs": parsed_args(config.get("gen_kwargs")) or None,
+        "apply_chat_template": bool(chat),
         # absent from files of sweeps that had no such option: None, which only a run without it matches
         **{key: sweep.get(key) for key in ("metadata", "system_instruction", "num_fewshot")},
     }

@@ -72,9 +72,7 @@ def arrange(ctxs: list[dict], gold_position: int) -> list[dict]:
 
 def _docs_with_gold_at(dataset: datasets.Dataset, gold_position: int) -> datasets.Dataset:
     dataset = drop_invalid(dataset, _check, f"10qa gold at {gold_position}")
-    return dataset.map(
-        lambda record: {"ctxs": arrange(record["ctxs"], gold_position), "gold_position": gold_position}
-    )
+    return dataset.map(lambda record: {"ctxs": arrange(record["ctxs"], gold_position), "gold_position": gold_position})
 
 
 def docs_gold_at_0(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -95,8 +93,7 @@ def docs_gold_at_9(dataset: datasets.Dataset) -> datasets.Dataset:
 def doc_to_text(doc: dict) -> str:
     """The paper's QA prompt: instruction, 'Document [i](Title: ...) text' lines, question."""
     documents = "\n".join(
-        f"Document [{number}](Title: {ctx['title']}) {ctx['text']}"
-        for number, ctx in enumerate(doc["ctxs"], start=1)
+        f"Document [{number}](Title: {ctx['title']}) {ctx['text']}" for number, ctx in enumerate(doc["ctxs"], start=1)
     )
     return f"{INSTRUCTION}\n\n{documents}\n\nQuestion: {doc['question']}\nAnswer:"
 

@@ -33,10 +33,48 @@ logger = logging.getLogger(__name__)
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 INTRO = "A magic number is hidden in the following text. Remember it.\n\n"
-ADJECTIVES = ("amber", "brave", "calm", "dusty", "eager", "fuzzy", "gentle", "hollow", "icy", "jolly",
-              "lucky", "misty", "noble", "quiet", "rusty", "silver", "tidy", "velvet", "windy", "young")
-NOUNS = ("harbor", "lantern", "meadow", "falcon", "violin", "glacier", "orchard", "compass", "canyon",
-         "beacon", "teapot", "island", "ribbon", "castle", "pebble", "comet", "garden", "kettle")
+ADJECTIVES = (
+    "amber",
+    "brave",
+    "calm",
+    "dusty",
+    "eager",
+    "fuzzy",
+    "gentle",
+    "hollow",
+    "icy",
+    "jolly",
+    "lucky",
+    "misty",
+    "noble",
+    "quiet",
+    "rusty",
+    "silver",
+    "tidy",
+    "velvet",
+    "windy",
+    "young",
+)
+NOUNS = (
+    "harbor",
+    "lantern",
+    "meadow",
+    "falcon",
+    "violin",
+    "glacier",
+    "orchard",
+    "compass",
+    "canyon",
+    "beacon",
+    "teapot",
+    "island",
+    "ribbon",
+    "castle",
+    "pebble",
+    "comet",
+    "garden",
+    "kettle",
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -49,9 +87,13 @@ def _int_list(metadata: dict[str, Any], key: str, default, low: int, high: int |
     values = metadata.get(key, default)
     values = [values] if isinstance(values, int) else values
     valid = f"integers in [{low}, {high}]" if high is not None else f"integers >= {low}"
-    if (not isinstance(values, (list, tuple)) or not values
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high)
-                   for v in values)):
+    if (
+        not isinstance(values, (list, tuple))
+        or not values
+        or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high) for v in values
+        )
+    ):
         raise ValueError(f"buzz_niah: {key}={values!r} is not a non-empty list of {valid}")
     return sorted(set(values))
 
@@ -148,8 +190,10 @@ class Haystack:
         while used + self.count((start + k) % n) <= length:
             used, k = used + self.count((start + k) % n), k + 1
             if k == n:
-                raise ValueError(f"buzz_niah: the haystack is shorter than the length {length} tokens; "
-                                 "use a longer niah_haystack_file or smaller max_seq_lengths")
+                raise ValueError(
+                    f"buzz_niah: the haystack is shorter than the length {length} tokens; "
+                    "use a longer niah_haystack_file or smaller max_seq_lengths"
+                )
         while k > 0 and not fits(k):
             k -= 1
         low, high = 0, len(self.sentences[(start + k) % n].split())  # words of the next sentence that fit
@@ -157,11 +201,20 @@ class Haystack:
             middle = (low + high + 1) // 2
             low, high = (middle, high) if fits(k, middle) else (low, middle - 1)
         if k == 0 and low == 0:
-            raise ValueError(f"buzz_niah: length {length} leaves no room for haystack text: the needle, "
-                             f"question and answer prefix alone take {fixed} tokens")
+            raise ValueError(
+                f"buzz_niah: length {length} leaves no room for haystack text: the needle, "
+                f"question and answer prefix alone take {fixed} tokens"
+            )
         text = compose(k, low)
-        return {"input": text, "gen_prefix": prefix, "answer": value, "length": length, "depth": depth,
-                "sample": sample, "tokens": self.measure(f"{text} {prefix}")}
+        return {
+            "input": text,
+            "gen_prefix": prefix,
+            "answer": value,
+            "length": length,
+            "depth": depth,
+            "sample": sample,
+            "tokens": self.measure(f"{text} {prefix}"),
+        }
 
 
 def dataset(**metadata: Any) -> datasets.DatasetDict:
@@ -170,11 +223,17 @@ def dataset(**metadata: Any) -> datasets.DatasetDict:
     name = metadata.get("tokenizer") or metadata.get("pretrained")
     if not isinstance(name, str) or not name:
         name = str(DEFAULT_MODEL_DIR)  # buzz_hf's default model
-        logger.warning("buzz_niah: no tokenizer or pretrained in the task metadata; lengths are measured "
-                       "with the shipped stories260K tokenizer (pass --metadata '{\"tokenizer\": ...}')")
+        logger.warning(
+            "buzz_niah: no tokenizer or pretrained in the task metadata; lengths are measured "
+            "with the shipped stories260K tokenizer (pass --metadata '{\"tokenizer\": ...}')"
+        )
     haystack = Haystack(load_haystack(metadata), tokenizer_for(name, bool(metadata.get("trust_remote_code"))))
-    docs = [haystack.document(length, depth, sample, seed)
-            for length in lengths for depth in depths for sample in range(samples)]
+    docs = [
+        haystack.document(length, depth, sample, seed)
+        for length in lengths
+        for depth in depths
+        for sample in range(samples)
+    ]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 

@@ -44,10 +44,16 @@ def _tokens(tokenizer, text: str) -> int:
 def vt_minimum(tokenizer) -> tuple[int, int]:
     """(tokens of ruler_vt's smallest in-context example with its answer room, smallest length)."""
     with random_states_kept():
-        example = max(_tokens(tokenizer, f"{text} {answer}") for text, answer in (
-            vt_utils.generate_input_output(VT_EXAMPLE_NOISES, 1, 4, is_icl=True) for _ in range(TRIALS)))
-        sample = max(_tokens(tokenizer, f"{text} {answer}") for text, answer in (
-            vt_utils.generate_input_output(VT_NOISES, 1, 4, is_icl=False) for _ in range(TRIALS)))
+        example = max(
+            _tokens(tokenizer, f"{text} {answer}")
+            for text, answer in (
+                vt_utils.generate_input_output(VT_EXAMPLE_NOISES, 1, 4, is_icl=True) for _ in range(TRIALS)
+            )
+        )
+        sample = max(
+            _tokens(tokenizer, f"{text} {answer}")
+            for text, answer in (vt_utils.generate_input_output(VT_NOISES, 1, 4, is_icl=False) for _ in range(TRIALS))
+        )
     return example + VT_ANSWER_TOKENS, sample + VT_ANSWER_TOKENS + VT_EXAMPLE_LENGTH
 
 
@@ -75,13 +81,15 @@ def vt_dataset(**kwargs: Any):
         raise ValueError(
             f"ruler_vt cannot be generated with tokenizer {name!r} at any length: lm-eval sizes its "
             f"in-context example to {VT_EXAMPLE_LENGTH} tokens, and the smallest one takes {example} with "
-            "this tokenizer, so lm-eval's generator would retry forever; leave ruler_vt out for this model")
+            "this tokenizer, so lm-eval's generator would retry forever; leave ruler_vt out for this model"
+        )
     too_short = [length for length in lengths if length < minimum]
     if too_short:
         raise ValueError(
             f"ruler_vt cannot be generated at max_seq_lengths {too_short} with tokenizer {name!r}: its "
             f"smallest sample needs about {minimum} tokens (lm-eval's generator would retry forever); "
-            f"use lengths >= {minimum}")
+            f"use lengths >= {minimum}"
+        )
     return vt_utils.get_vt_dataset(**kwargs)
 
 
@@ -94,5 +102,6 @@ def cwe_dataset(**kwargs: Any):
         raise ValueError(
             f"ruler_cwe cannot be generated at max_seq_lengths {sorted(too_short)} with tokenizer {name!r}: "
             f"its smallest word list needs {', '.join(f'{m} tokens at {n}' for n, m in too_short.items())} "
-            "(lm-eval would build samples with no answer words, or retry forever); use longer lengths")
+            "(lm-eval would build samples with no answer words, or retry forever); use longer lengths"
+        )
     return cwe_utils.get_cw_dataset(**kwargs)

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from buzz_lm_eval.cache import attention, mask_reads, score_attention
-from buzz_lm_eval.cache import build_cache
+from buzz_lm_eval.cache import attention, build_cache, mask_reads, score_attention
 from buzz_lm_eval.cache.score_attention import attention_with_scores, softcapped_attention
 
 from ..conftest import tiny_model
@@ -142,7 +141,10 @@ def test_only_a_plain_causal_chunk_mask_is_dropped():
     assert not mask_reads.plain_causal(causal[:, :, -1:])
     torch.manual_seed(8)
     query, (key, value) = hf_query(2, 4, 5, 8), views(2, 2, 9, 8)
-    with_mask, without = attention_with_scores(query, key, value, causal, 0.3), attention_with_scores(query, key, value, None, 0.3)
+    with_mask, without = (
+        attention_with_scores(query, key, value, causal, 0.3),
+        attention_with_scores(query, key, value, None, 0.3),
+    )
     assert torch.equal(with_mask[0], without[0]) and torch.equal(with_mask[1], without[1])
 
 
@@ -235,8 +237,9 @@ def kept_and_generated(model, policy, batch, chunk):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         for start in range(0, ids.shape[1], chunk):
-            logits = model(input_ids=ids[:, start : start + chunk], attention_mask=mask[:, : start + chunk],
-                           past_key_values=cache).logits
+            logits = model(
+                input_ids=ids[:, start : start + chunk], attention_mask=mask[:, : start + chunk], past_key_values=cache
+            ).logits
         tokens = [logits[:, -1:].argmax(-1)]
         for _ in range(6):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from buzz_lm_eval.cache import attention
-from buzz_lm_eval.cache import build_cache
+from buzz_lm_eval.cache import attention, build_cache
 from buzz_lm_eval.policies import POLICY_NAMES
 
 from ..conftest import CONFIGS, eager_logits_and_probs, on_device, tiny_model
@@ -104,8 +103,11 @@ def test_chunked_prefill_bounds_memory_by_budget_plus_chunk(stories, policy):
     stats = cache.stats()
     assert prompt_len > 4 * budget
     assert stats["tokens_seen"] == prompt_len + 19
-    budgets = [layer.policy.heavy + layer.policy.observation + 1 for layer in cache.layers] if policy == "pyramidkv" \
-        else [budget] * len(cache.layers)  # pyramidkv: each layer's own budget
+    budgets = (
+        [layer.policy.heavy + layer.policy.observation + 1 for layer in cache.layers]
+        if policy == "pyramidkv"
+        else [budget] * len(cache.layers)
+    )  # pyramidkv: each layer's own budget
     assert all(p <= b - 1 + chunk for p, b in zip(stats["kept_tokens_peak_per_layer"], budgets, strict=True))
     assert stats["compression_ratio"] > 3
 
@@ -175,7 +177,11 @@ def test_one_pass_attention_matches_sdpa_and_softmax_probabilities(q_len):
     out, scores = attention.attention_with_scores(query, key, value, visible, 0.25)
     wide = visible.repeat_interleave(2, dim=1)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=wide, scale=0.25,
+        query,
+        key.repeat_interleave(2, 1),
+        value.repeat_interleave(2, 1),
+        attn_mask=wide,
+        scale=0.25,
     )
     assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
     logits = (query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~wide, float("-inf"))
@@ -190,8 +196,15 @@ def test_stats_report_the_contract_keys(stories):
     full, buzz = build_cache(model, "full"), build_cache(model, "buzz", budget=20)
     greedy(model, inputs, full, new=30)
     greedy(model, inputs, buzz, new=30)
-    keys = {"tokens_seen", "kept_tokens_peak", "kept_tokens_mean", "kv_bytes_peak", "kv_bytes_mean",
-            "compression_ratio", "evict_seconds"}
+    keys = {
+        "tokens_seen",
+        "kept_tokens_peak",
+        "kept_tokens_mean",
+        "kv_bytes_peak",
+        "kv_bytes_mean",
+        "compression_ratio",
+        "evict_seconds",
+    }
     for stats in (full.stats(), buzz.stats()):
         assert keys <= set(stats) and all(isinstance(stats[k], (int, float)) for k in keys)
     assert full.stats()["compression_ratio"] == 1.0

@@ -55,9 +55,14 @@ def test_reset_makes_the_cache_new_statistics_included(model):
     [
         ("h2o", prompts(20), "EvictingCache: .*already seen 41 tokens.*serves one generate call"),
         ("streaming", prompts(60, 70), "EvictingCache: .*serves one generate call.*cache.reset"),  # other batch size
-        pytest.param("buzz", prompts(60), "already seen 41 tokens; an evicting cache serves one generate call",
-                     marks=pytest.mark.skipif(not MARKS_HANDED_CACHES, reason="generate marks the caches it is "
-                                              "handed since transformers 5.17")),  # a longer prompt
+        pytest.param(
+            "buzz",
+            prompts(60),
+            "already seen 41 tokens; an evicting cache serves one generate call",
+            marks=pytest.mark.skipif(
+                not MARKS_HANDED_CACHES, reason="generate marks the caches it is handed since transformers 5.17"
+            ),
+        ),  # a longer prompt
     ],
 )
 def test_a_used_cache_is_named(model, policy, second, message):

@@ -7,13 +7,20 @@ import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import (
-    AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Gemma2Config, Gemma3TextConfig, GptOssConfig,
-    GraniteConfig, MixtralConfig, Olmo2Config, Phi3Config,
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GptOssConfig,
+    GraniteConfig,
+    MixtralConfig,
+    Olmo2Config,
+    Phi3Config,
 )
 
-from buzz_lm_eval.cache import attention
+from buzz_lm_eval.cache import attention, build_cache
 from buzz_lm_eval.cache.architectures import SUPPORTED_MODEL_TYPES, layer_windows
-from buzz_lm_eval.cache import build_cache
 
 from ..conftest import TINY, eager_logits_and_probs
 from .test_cache import EVICTING, assert_batch_matches_alone, assert_full_is_bit_exact, greedy, random_batch
@@ -23,14 +30,23 @@ FAMILIES = {
     # Phi-4-mini uses the phi3 architecture with a partial rotary factor
     "phi3": lambda: Phi3Config(**TINY, pad_token_id=0, partial_rotary_factor=0.5),
     "olmo2": lambda: Olmo2Config(**TINY, pad_token_id=0),
-    "granite": lambda: GraniteConfig(**TINY, attention_multiplier=0.2, embedding_multiplier=2.0,
-                                     residual_multiplier=0.5, logits_scaling=2.0),
+    "granite": lambda: GraniteConfig(
+        **TINY, attention_multiplier=0.2, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0
+    ),
     "mixtral": lambda: MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, sliding_window=24),
     # a small cap so that softcapping changes the attention of these random weights
-    "gemma2": lambda: Gemma2Config(**TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
-                                   layer_types=ALTERNATING, attn_logit_softcapping=2.0, pad_token_id=0),
-    "gemma3_text": lambda: Gemma3TextConfig(**TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
-                                            layer_types=ALTERNATING, pad_token_id=0),
+    "gemma2": lambda: Gemma2Config(
+        **TINY,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=24,
+        layer_types=ALTERNATING,
+        attn_logit_softcapping=2.0,
+        pad_token_id=0,
+    ),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=24, layer_types=ALTERNATING, pad_token_id=0
+    ),
 }
 
 
@@ -126,11 +142,14 @@ def test_gemma2_decodes_under_eviction_with_softcap():
     assert all(layer.evicted for layer in cache.layers)
 
 
-@pytest.mark.parametrize(("config", "reason"), [
-    (lambda: GptOssConfig(**TINY, num_local_experts=4, num_experts_per_tok=2), "sink logits"),
-    (lambda: DeepseekV2Config(num_hidden_layers=2), "latent"),
-    (lambda: DeepseekV3Config(num_hidden_layers=2), "latent"),
-])
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        (lambda: GptOssConfig(**TINY, num_local_experts=4, num_experts_per_tok=2), "sink logits"),
+        (lambda: DeepseekV2Config(num_hidden_layers=2), "latent"),
+        (lambda: DeepseekV3Config(num_hidden_layers=2), "latent"),
+    ],
+)
 def test_silently_wrong_families_are_refused_with_the_reason(config, reason):
     config = config()
     with pytest.raises(ValueError, match=rf"refuses model type '{config.model_type}':.*{reason}.*supported: llama"):

@@ -41,8 +41,14 @@ def meta_run(policy: str, **options) -> EvictingCache:
 def test_meta_refuses_every_host_read():
     """The premise: each kind of host read raises on meta."""
     tensor = torch.zeros(3, device="meta")
-    reads = [lambda: bool(tensor.any()), lambda: tensor.nonzero(), lambda: tensor[tensor > 0],
-             lambda: tensor.tolist(), lambda: tensor.cpu(), lambda: int(tensor.sum())]
+    reads = [
+        lambda: bool(tensor.any()),
+        lambda: tensor.nonzero(),
+        lambda: tensor[tensor > 0],
+        lambda: tensor.tolist(),
+        lambda: tensor.cpu(),
+        lambda: int(tensor.sum()),
+    ]
     for read in reads:
         with pytest.raises((RuntimeError, NotImplementedError)):
             read()

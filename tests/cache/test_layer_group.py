@@ -19,8 +19,9 @@ DROPPING = ["local", "streaming", "h2o", "tova", "knorm", "snapkv"]  # one token
 
 def decode(policy, batch_layers, positions="shifted", arch="llama", length=60, budget=20):
     model = tiny_model(arch, seed=5)
-    cache = build_cache(model, policy, budget=budget, evict="every_forward", positions=positions,
-                        batch_layers=batch_layers)
+    cache = build_cache(
+        model, policy, budget=budget, evict="every_forward", positions=positions, batch_layers=batch_layers
+    )
     logits = stream(model, random_batch([length], seed=6)["input_ids"], cache, chunk=1)
     return logits, cache
 
@@ -127,5 +128,7 @@ def test_a_deferred_drop_runs_before_its_layer_stores_again():
 @pytest.mark.parametrize("policy", ["buzz", "random", "pyramidkv", "full"])
 def test_policies_without_one_shared_single_token_drop_are_not_grouped(policy):
     model = tiny_model("llama", seed=1)
-    cache = build_cache(model, policy, budget=20, evict="every_forward") if policy != "full" else build_cache(model, "full")
+    cache = (
+        build_cache(model, policy, budget=20, evict="every_forward") if policy != "full" else build_cache(model, "full")
+    )
     assert all(layer.group is None for layer in cache.layers)

@@ -9,8 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from buzz_lm_eval.cache import mask_reads
-from buzz_lm_eval.cache import build_cache
+from buzz_lm_eval.cache import build_cache, mask_reads
 
 from ..conftest import DEVICE, TINY, tiny_model
 
@@ -82,8 +81,10 @@ def reads_per_chunk(layers: int, policy: str, evict: str) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("policy, evict", [("h2o", "after_prefill"), ("h2o", "every_forward"),
-                                           ("tova", "every_forward"), ("streaming", "every_forward")])
+@pytest.mark.parametrize(
+    "policy, evict",
+    [("h2o", "after_prefill"), ("h2o", "every_forward"), ("tova", "every_forward"), ("streaming", "every_forward")],
+)
 def test_a_chunked_prefill_reads_its_mask_once_per_forward_whatever_the_layer_count(policy, evict):
     two, four = reads_per_chunk(2, policy, evict), reads_per_chunk(4, policy, evict)
     assert two[0] == 0  # the first chunk comes without a mask

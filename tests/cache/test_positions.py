@@ -16,8 +16,14 @@ from .test_cache import assert_batch_matches_alone, greedy, random_batch
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
     "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
 }
 
@@ -47,9 +53,14 @@ def stream(model, ids: torch.Tensor, cache, chunk: int):
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
-@pytest.mark.parametrize("policy, args", [("streaming", {"sink": 3, "window": 9}),
-                                          ("h2o", {"heavy": 6, "recent": 5}),
-                                          ("buzz", {"sink": 2, "window": 4, "threshold": 8, "stride": 3})])
+@pytest.mark.parametrize(
+    "policy, args",
+    [
+        ("streaming", {"sink": 3, "window": 9}),
+        ("h2o", {"heavy": 6, "recent": 5}),
+        ("buzz", {"sink": 2, "window": 4, "threshold": 8, "stride": 3}),
+    ],
+)
 def test_shifted_keys_equal_keys_rotated_at_the_contiguous_positions(rope, policy, args):
     model = one_layer_llama(ROPES[rope])
     ids = random_batch([47], seed=5)["input_ids"]
@@ -82,7 +93,9 @@ def test_shifted_logits_follow_the_authors_rule(rope):
     kept = torch.cat([ids[:, :2], ids[:, -7:]], dim=1)  # 2 sinks + window 6 + the new token
     with torch.no_grad():
         authors = model(input_ids=kept, position_ids=on_device(torch.arange(9)).unsqueeze(0)).logits[:, -1]
-        original = model(input_ids=kept, position_ids=on_device(torch.cat([torch.arange(2), torch.arange(34, 41)]))[None]).logits[:, -1]
+        original = model(
+            input_ids=kept, position_ids=on_device(torch.cat([torch.arange(2), torch.arange(34, 41)]))[None]
+        ).logits[:, -1]
     assert torch.allclose(last, authors, atol=1e-5)
     assert float((last - original).abs().max()) > 1e-4  # the two rules really differ
 
@@ -91,15 +104,18 @@ def test_shifted_logits_follow_the_authors_rule(rope):
 @pytest.mark.parametrize("policy", ["streaming", "h2o", "buzz"])
 def test_shifted_padded_batch_with_chunked_prefill_matches_alone(arch, policy):
     """Paddings are multiples of the chunk, so each row's chunks start where they start alone."""
-    assert_batch_matches_alone(tiny_model(arch), [45, 24, 38], new=25, seed=7, generate={"prefill_chunk_size": 7},
-                               policy=policy, budget=16)
+    assert_batch_matches_alone(
+        tiny_model(arch), [45, 24, 38], new=25, seed=7, generate={"prefill_chunk_size": 7}, policy=policy, budget=16
+    )
 
 
 def test_original_and_shifted_generate_differently_after_an_eviction(stories):
     model, tokenizer = stories
     inputs = tokenizer(["Once upon a time, there was a little dog named Max. " * 6], return_tensors="pt")
-    outputs = {mode: greedy(model, inputs, build_cache(model, "streaming", budget=24, positions=mode), new=30)
-               for mode in ("shifted", "original")}
+    outputs = {
+        mode: greedy(model, inputs, build_cache(model, "streaming", budget=24, positions=mode), new=30)
+        for mode in ("shifted", "original")
+    }
     assert not torch.equal(outputs["shifted"], outputs["original"])
 
 

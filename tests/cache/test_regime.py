@@ -13,8 +13,10 @@ from ..conftest import eager_logits_and_probs, tiny_model
 from .test_cache import assert_batch_matches_alone, greedy, random_batch
 
 NEW = ("snapkv", "pyramidkv", "tova", "knorm", "random")
-OTHER_REGIME = {name: "every_forward" if build_policy(name).default_evict == "after_prefill" else "after_prefill"
-                for name in (*NEW, "h2o", "buzz", "streaming")}
+OTHER_REGIME = {
+    name: "every_forward" if build_policy(name).default_evict == "after_prefill" else "after_prefill"
+    for name in (*NEW, "h2o", "buzz", "streaming")
+}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -22,8 +24,15 @@ OTHER_REGIME = {name: "every_forward" if build_policy(name).default_evict == "af
 def test_padded_batch_matches_alone_in_the_other_regime(arch, policy):
     """The default regimes are covered by test_cache; here each policy's other one."""
     lengths = [37, 21, 30]
-    assert_batch_matches_alone(tiny_model(arch), lengths, policy=policy, budget=16, evict=OTHER_REGIME[policy],
-                               prompt_length=max(lengths), alone_args=lambda n: {"prompt_length": n})
+    assert_batch_matches_alone(
+        tiny_model(arch),
+        lengths,
+        policy=policy,
+        budget=16,
+        evict=OTHER_REGIME[policy],
+        prompt_length=max(lengths),
+        alone_args=lambda n: {"prompt_length": n},
+    )
 
 
 @pytest.mark.parametrize("policy", [*NEW, "h2o", "buzz", "streaming"])
@@ -146,13 +155,18 @@ def test_after_prefill_compresses_a_chunked_prompt_with_or_without_its_length(po
     outputs, kept = [], []
     for prompt_length in (None, 100):
         cache = build_cache(model, policy, budget=16, evict="after_prefill", prompt_length=prompt_length)
-        outputs.append(model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False,
-                                      prefill_chunk_size=32, pad_token_id=0))
+        outputs.append(
+            model.generate(
+                ids, past_key_values=cache, max_new_tokens=6, do_sample=False, prefill_chunk_size=32, pad_token_id=0
+            )
+        )
         kept.append([layer.kept()[2] for layer in cache.layers])
         stats = cache.stats()
         assert stats["prompt_tokens_compressed"] == 100 and stats["kept_tokens_after_compression"] < 100
         assert stats["tokens_seen"] == 105  # compressed once, then the 5 decoded tokens were added
-        assert [layer.stored() for layer in cache.layers] == [layer.stats.compressed_tokens + 5 for layer in cache.layers]
+        assert [layer.stored() for layer in cache.layers] == [
+            layer.stats.compressed_tokens + 5 for layer in cache.layers
+        ]
     assert torch.equal(outputs[0], outputs[1])
     assert all(torch.equal(a, b) for a, b in zip(*kept))
 
@@ -163,5 +177,6 @@ def test_a_prompt_length_that_disagrees_with_the_prompt_is_an_error(prompt_lengt
     ids = random_batch([100])["input_ids"]
     cache = build_cache(model, "snapkv", budget=16, evict="after_prefill", prompt_length=prompt_length)
     with pytest.raises(ValueError, match=f"prompt_length={prompt_length} disagrees with the prompt: .*{message}"):
-        model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False, prefill_chunk_size=32,
-                       pad_token_id=0)
+        model.generate(
+            ids, past_key_values=cache, max_new_tokens=6, do_sample=False, prefill_chunk_size=32, pad_token_id=0
+        )

@@ -76,8 +76,10 @@ def test_lagging_shifted_keys_give_the_authors_logits(rope):
     the model run on the kept tokens at contiguous positions."""
     model = one_layer_llama(ROPES[rope], seed=3)
     ids = random_batch([41], seed=4)["input_ids"]
-    runs = {mode: build_cache(model, "random", capacity=12, evict="every_forward", positions=mode)
-            for mode in ("shifted", "original")}
+    runs = {
+        mode: build_cache(model, "random", capacity=12, evict="every_forward", positions=mode)
+        for mode in ("shifted", "original")
+    }
     for cache in runs.values():
         stream(model, ids[:, :20], cache, chunk=5)
         stream(model, ids[:, 20:-1], cache, chunk=1)
@@ -164,13 +166,16 @@ def test_rows_with_different_histories_keep_a_consistent_slot_layout(policy):
         ids, mask, logits = batch["input_ids"], batch["attention_mask"], []
         with torch.no_grad():
             for start in range(0, ids.shape[1], 16):
-                out = model(input_ids=ids[:, start : start + 16], attention_mask=mask[:, : start + 16],
-                            past_key_values=cache)
+                out = model(
+                    input_ids=ids[:, start : start + 16], attention_mask=mask[:, : start + 16], past_key_values=cache
+                )
                 logits.append(out.logits[:, -1])
                 for layer in cache.layers:
                     if layer.order is not None:
                         ordered = layer.order.sort(dim=-1).values
-                        assert torch.equal(ordered, torch.arange(layer.stored(), device=ordered.device).expand_as(ordered))
+                        assert torch.equal(
+                            ordered, torch.arange(layer.stored(), device=ordered.device).expand_as(ordered)
+                        )
         return torch.stack(logits)
 
     assert torch.equal(run(), run())

@@ -44,7 +44,9 @@ def test_full_cache_reproduces_hf_exactly(stock):
     assert full.loglikelihood(ll) == stock.loglikelihood(ll)
     rolling = requests("loglikelihood_rolling", (STORY * 8,))
     assert full.loglikelihood_rolling(rolling) == stock.loglikelihood_rolling(rolling)
-    gen = requests("generate_until", (STORY, {"until": ["\n\n"], "max_gen_toks": 30}), ("Tom had", {"max_gen_toks": 30}))
+    gen = requests(
+        "generate_until", (STORY, {"until": ["\n\n"], "max_gen_toks": 30}), ("Tom had", {"max_gen_toks": 30})
+    )
     assert full.generate_until(gen) == stock.generate_until(gen)
     info = full.get_model_info()["buzz_cache"]
     assert info["policy"] == "full" and info["compression_ratio"] == 1.0 and info["sequences"] > 0
@@ -113,6 +115,7 @@ def test_explicit_max_length_cuts_rolling_documents_into_windows():
     lm.loglikelihood_rolling(requests("loglikelihood_rolling", (document,)))
     assert lm.get_model_info()["buzz_cache"]["sequences"] == math.ceil(n_tokens / 128) > 1
 
+
 def test_the_cache_is_passed_as_the_installed_transformers_wants():
     lm = buzz(cache="buzz", budget=32)
     with warnings.catch_warnings():
@@ -135,13 +138,19 @@ def test_stats_file_gets_one_line_per_batch(tmp_path):
     "kwargs, message",
     [
         ({"cache": "lru"}, "unknown cache policy 'lru'; valid policies: full, local, streaming, h2o, buzz"),
-        ({"cache": "buzz", "heavy": 10}, "buzz: unknown parameter.*heavy.*valid: sink, window, threshold, stride, budget"),
+        (
+            {"cache": "buzz", "heavy": 10},
+            "buzz: unknown parameter.*heavy.*valid: sink, window, threshold, stride, budget",
+        ),
         ({"cache": "buzz", "window": -3}, "window must be >= 1, got -3"),
         ({"cache": "h2o", "budget": 0}, "budget must be an integer >= 2, got 0"),
         ({"cache": "buzz", "budget": 6}, "budget=6 is too small"),
         ({"cache": "buzz", "prefill_chunk": 0}, "prefill_chunk must be >= 1, got 0"),
         ({"cache": "buzz", "score_chunk": 2.5}, "score_chunk must be an integer, got 2.5"),
-        ({"cache": "buzz", "windw": 3}, r"unknown model_args windw \(did you mean 'window'\?\); buzz_hf's own keys: cache"),
+        (
+            {"cache": "buzz", "windw": 3},
+            r"unknown model_args windw \(did you mean 'window'\?\); buzz_hf's own keys: cache",
+        ),
         ({"cache": "streaming", "window": -5.0}, "streaming: window must be >= 1, got -5$"),
         ({"cache": "buzz", "stride": 1}, "stride=1 never thins earlier samples.*use stride >= 3"),
         ({"cache": "buzz", "budget": 128, "stride": 2}, "stride=2 never thins earlier samples.*use stride >= 3"),
@@ -164,8 +173,13 @@ def test_positions_reach_the_cache_and_the_results():
 
 
 def test_length_dependent_rope_fails_from_its_config(tmp_path):
-    LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=16, num_attention_heads=2,
-                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}).save_pretrained(tmp_path)
+    LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=16,
+        intermediate_size=16,
+        num_attention_heads=2,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="rope_type 'dynamic'"):
         BuzzHFLM(pretrained=str(tmp_path), cache="buzz", budget=64)
 
@@ -184,7 +198,9 @@ def test_unsupported_architecture_fails_from_its_config(tmp_path):
 def test_full_runs_on_any_model_hf_runs(tmp_path):
     """An architecture the evicting cache cannot serve still gets its full-cache baseline."""
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=256, n_layer=1, n_embd=16, n_head=2)).save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=256, n_layer=1, n_embd=16, n_head=2)).save_pretrained(
+        tmp_path
+    )
     ours = BuzzHFLM(pretrained=str(tmp_path), tokenizer=MODEL, cache="full", device="cpu", batch_size=2)
     stock = HFLM(pretrained=str(tmp_path), tokenizer=MODEL, device="cpu", batch_size=2)
     ll = requests("loglikelihood", ("Tom had a dog.", " The dog ran."), (STORY, " She was happy."))
@@ -194,8 +210,15 @@ def test_full_runs_on_any_model_hf_runs(tmp_path):
 
 
 def test_batch_size_auto_works_for_every_request_type_and_is_not_counted():
-    lm = BuzzHFLM(pretrained=MODEL, device="cpu", batch_size="auto", max_batch_size=4,
-                  cache="streaming", budget=32, prefill_chunk=128)
+    lm = BuzzHFLM(
+        pretrained=MODEL,
+        device="cpu",
+        batch_size="auto",
+        max_batch_size=4,
+        cache="streaming",
+        budget=32,
+        prefill_chunk=128,
+    )
     cases = [
         ("generate_until", (STORY, {"max_gen_toks": 6}), ("Tom had", {"max_gen_toks": 6})),
         ("loglikelihood_rolling", (STORY * 8,)),
@@ -251,8 +274,9 @@ def test_cli_use_cache_never_hands_one_setting_the_answers_of_another(tmp_path):
     """Also: the shipped model's runs land in a folder named after it, with no deprecation warning."""
     task, db = "buzz_wikitext_smoke", str(tmp_path / "responses")
     full_path, _ = run_lm_eval(tmp_path, "buzz_hf", "cache=full", task, extra=["--use_cache", db], pretrained=None)
-    buzz_path, buzz_log = run_lm_eval(tmp_path, "buzz_hf", "cache=buzz,budget=32,score_chunk=256", task,
-                                      extra=["--use_cache", db], pretrained=None)
+    buzz_path, buzz_log = run_lm_eval(
+        tmp_path, "buzz_hf", "cache=buzz,budget=32,score_chunk=256", task, extra=["--use_cache", db], pretrained=None
+    )
     full, ours = (json.loads(path.read_text()) for path in (full_path, buzz_path))
     word = "word_perplexity,none"
     assert ours["results"][task][word] != full["results"][task][word]
@@ -265,15 +289,24 @@ def test_cli_use_cache_never_hands_one_setting_the_answers_of_another(tmp_path):
 
 @pytest.mark.parametrize(
     "source, model_args, name",
-    [("buzz_hf", {"cache": "buzz"}, "stories260K"), ("buzz_hf", "cache=full", "stories260K"),
-     ("buzz_hf", {"pretrained": "org/model"}, "org/model"), ("hf", {"cache": "buzz"}, None)],
+    [
+        ("buzz_hf", {"cache": "buzz"}, "stories260K"),
+        ("buzz_hf", "cache=full", "stories260K"),
+        ("buzz_hf", {"pretrained": "org/model"}, "org/model"),
+        ("hf", {"cache": "buzz"}, None),
+    ],
 )
 def test_runs_on_the_shipped_model_are_named_after_it(source, model_args, name):
     from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
 
     tracker = GeneralConfigTracker()
-    tracker.log_experiment_args(model_source=source, model_args=model_args, system_instruction=None,
-                                chat_template=None, fewshot_as_multiturn=False)
+    tracker.log_experiment_args(
+        model_source=source,
+        model_args=model_args,
+        system_instruction=None,
+        chat_template=None,
+        fewshot_as_multiturn=False,
+    )
     if name is None:  # not ours: lm-eval's random id stays
         assert tracker.model_name != "stories260K"
     else:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from buzz_lm_eval.harness import longbench
 from buzz_lm_eval.cli import main as cli_main
+from buzz_lm_eval.harness import longbench
 
 DATE = "2026-01-02T03-04-05.678901"
 TREC_CLASSES = ["Location", "Number", "Description", "Abbreviation"]
@@ -72,10 +72,14 @@ def result(tmp_path: Path, pred: str = "pred", model: str = "m") -> dict:
 
 
 def test_layout_and_records_follow_longbench_pred_py(tmp_path: Path) -> None:
-    path = write_samples(tmp_path, "longbench_hotpotqa", [
-        sample(1, " Lyon\n", ["Lyon"], length=4100),
-        sample(0, "Paris", ["Paris", "Paris, France"], length=3100),
-    ])
+    path = write_samples(
+        tmp_path,
+        "longbench_hotpotqa",
+        [
+            sample(1, " Lyon\n", ["Lyon"], length=4100),
+            sample(0, "Paris", ["Paris", "Paris, France"], length=3100),
+        ],
+    )
     run(tmp_path, path, model="org/My-Model")
     folder = tmp_path / "lb" / "pred" / "org__My-Model"
     assert sorted(p.name for p in folder.iterdir()) == ["hotpotqa.jsonl", "result.json"]
@@ -88,11 +92,15 @@ def test_layout_and_records_follow_longbench_pred_py(tmp_path: Path) -> None:
 
 
 def test_qa_f1_is_100_times_mean_of_best_answer(tmp_path: Path, scoring: None, capsys) -> None:
-    path = write_samples(tmp_path, "longbench_hotpotqa", [
-        sample(0, "Paris", ["Paris"]),                       # exact: 1
-        sample(1, "Paris France", ["Lyon", "Paris"]),        # best answer Paris: P=1/2, R=1 -> 2/3
-        sample(2, "Lyon", ["Paris"]),                        # 0
-    ])
+    path = write_samples(
+        tmp_path,
+        "longbench_hotpotqa",
+        [
+            sample(0, "Paris", ["Paris"]),  # exact: 1
+            sample(1, "Paris France", ["Lyon", "Paris"]),  # best answer Paris: P=1/2, R=1 -> 2/3
+            sample(2, "Lyon", ["Paris"]),  # 0
+        ],
+    )
     assert run(tmp_path, path) == 0
     assert result(tmp_path) == {"hotpotqa": round(100 * (1 + 2 / 3 + 0) / 3, 2)} == {"hotpotqa": 55.56}
     assert "hotpotqa" in capsys.readouterr().out
@@ -107,10 +115,14 @@ def test_first_line_only_for_trec_triviaqa_samsum_lsht(tmp_path: Path, scoring: 
 
 
 def test_classification_uses_all_classes(tmp_path: Path, scoring: None) -> None:
-    path = write_samples(tmp_path, "longbench_trec", [
-        sample(0, "Location\nNumber", ["Location"], all_classes=TREC_CLASSES),  # first line only: 1
-        sample(1, "Number or Location", ["Location"], all_classes=TREC_CLASSES),  # two classes: 1/2
-    ])
+    path = write_samples(
+        tmp_path,
+        "longbench_trec",
+        [
+            sample(0, "Location\nNumber", ["Location"], all_classes=TREC_CLASSES),  # first line only: 1
+            sample(1, "Number or Location", ["Location"], all_classes=TREC_CLASSES),  # two classes: 1/2
+        ],
+    )
     assert run(tmp_path, path) == 0
     assert result(tmp_path) == {"trec": 75.0}
     assert read_jsonl(tmp_path / "lb/pred/m/trec.jsonl")[0]["all_classes"] == TREC_CLASSES
@@ -119,25 +131,29 @@ def test_classification_uses_all_classes(tmp_path: Path, scoring: None) -> None:
 def test_code_retrieval_count_and_rouge_metrics(tmp_path: Path, scoring: None) -> None:
     files = [
         write_samples(tmp_path, "longbench_lcc", [sample(0, "    return x + 1\n# done", ["    return x + 1"])]),
-        write_samples(tmp_path, "longbench_passage_retrieval_en", [
-            sample(0, "Paragraph 3", ["Paragraph 3"]), sample(1, "Paragraph 1 or 3", ["Paragraph 3"])
-        ]),
+        write_samples(
+            tmp_path,
+            "longbench_passage_retrieval_en",
+            [sample(0, "Paragraph 3", ["Paragraph 3"]), sample(1, "Paragraph 1 or 3", ["Paragraph 3"])],
+        ),
         write_samples(tmp_path, "longbench_passage_count", [sample(0, "There are 7", ["7"])]),
         write_samples(tmp_path, "longbench_gov_report", [sample(0, "the cat sat", ["the cat sat"])]),
     ]
     assert run(tmp_path, *files) == 0
-    assert result(tmp_path) == {
-        "gov_report": 100.0, "lcc": 100.0, "passage_count": 100.0, "passage_retrieval_en": 75.0
-    }
+    assert result(tmp_path) == {"gov_report": 100.0, "lcc": 100.0, "passage_count": 100.0, "passage_retrieval_en": 75.0}
 
 
 def test_longbench_e_is_split_by_length(tmp_path: Path, scoring: None) -> None:
-    path = write_samples(tmp_path, "longbench_hotpotqa_e", [
-        sample(0, "Paris", ["Paris"], length=3999),
-        sample(1, "Lyon", ["Paris"], length=4000),
-        sample(2, "Paris", ["Paris"], length=8000),
-        sample(3, "Paris France", ["Paris"], length=20000),
-    ])
+    path = write_samples(
+        tmp_path,
+        "longbench_hotpotqa_e",
+        [
+            sample(0, "Paris", ["Paris"], length=3999),
+            sample(1, "Lyon", ["Paris"], length=4000),
+            sample(2, "Paris", ["Paris"], length=8000),
+            sample(3, "Paris France", ["Paris"], length=20000),
+        ],
+    )
     assert run(tmp_path, path) == 0
     assert result(tmp_path, "pred_e") == {"hotpotqa": {"0-4k": 100.0, "4-8k": 0.0, "8k+": 83.33}}
     assert [r["length"] for r in read_jsonl(tmp_path / "lb/pred_e/m/hotpotqa.jsonl")] == [3999, 4000, 8000, 20000]
@@ -186,4 +202,3 @@ def test_result_covers_every_dataset_in_the_folder(tmp_path: Path, scoring: None
     assert cli_main(["longbench-export", str(first), "--model", "m", "--output", str(tmp_path / "lb")]) == 0
     assert cli_main(["longbench-export", str(second), "--model", "m", "--output", str(tmp_path / "lb")]) == 0
     assert result(tmp_path) == {"hotpotqa": 100.0, "musique": 0.0}
-

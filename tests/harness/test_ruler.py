@@ -42,7 +42,9 @@ def test_ruler_vt_and_cwe_resolve_to_the_checked_tasks_and_refuse_the_shipped_to
 
 def test_short_lengths_are_refused_with_the_minimum_and_random_state_is_kept(word_tokenizer):
     before = random.getstate(), np.random.get_state()[1].copy()
-    with pytest.raises(ValueError, match=r"ruler_vt cannot be generated at max_seq_lengths \[512\].*use lengths >= \d+"):
+    with pytest.raises(
+        ValueError, match=r"ruler_vt cannot be generated at max_seq_lengths \[512\].*use lengths >= \d+"
+    ):
         guard.vt_dataset(pretrained=word_tokenizer, max_seq_lengths=[512, 4096])
     with pytest.raises(ValueError, match=r"ruler_cwe cannot be generated at max_seq_lengths \[256\]"):
         guard.cwe_dataset(pretrained=word_tokenizer, max_seq_lengths=[256])

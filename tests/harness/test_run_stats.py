@@ -23,9 +23,16 @@ def request(kind: str, task: str, idx: int, *args) -> Instance:
 
 def batch_stats(peak: int, ratio: float, rows: int = 1) -> dict:
     """One batch's ``cache.stats()`` as the cache reports it."""
-    return {"tokens_seen": 100, "kept_tokens_peak": peak, "kept_tokens_mean": peak / 2,
-            "kv_bytes_peak": peak * 10 * rows, "kv_bytes_mean": peak * 5 * rows,
-            "compression_ratio": ratio, "evict_seconds": 0.1, "kept_tokens_peak_per_layer": [peak, peak // 2]}
+    return {
+        "tokens_seen": 100,
+        "kept_tokens_peak": peak,
+        "kept_tokens_mean": peak / 2,
+        "kv_bytes_peak": peak * 10 * rows,
+        "kv_bytes_mean": peak * 5 * rows,
+        "compression_ratio": ratio,
+        "evict_seconds": 0.1,
+        "kept_tokens_peak_per_layer": [peak, peak // 2],
+    }
 
 
 def test_combine_equals_accumulating_together() -> None:
@@ -49,11 +56,20 @@ def test_statistics_are_recorded_per_task_and_request_type(tmp_path) -> None:
     """Requests of two tasks in one call (as lm-eval hands them): each task gets its own numbers,
     results keep their order, and the whole-run summary is the two combined."""
     stats_file = tmp_path / "stats.jsonl"
-    lm = BuzzHFLM(pretrained=MODEL, device="cpu", batch_size=4, cache="streaming", budget=24,
-                  score_chunk=8, stats_file=str(stats_file))
-    mixed = [request("loglikelihood", "long", 0, LONG, " She was happy."),
-             request("loglikelihood", "short", 1, SHORT, " It ran."),
-             request("loglikelihood", "long", 2, LONG, " The end.")]
+    lm = BuzzHFLM(
+        pretrained=MODEL,
+        device="cpu",
+        batch_size=4,
+        cache="streaming",
+        budget=24,
+        score_chunk=8,
+        stats_file=str(stats_file),
+    )
+    mixed = [
+        request("loglikelihood", "long", 0, LONG, " She was happy."),
+        request("loglikelihood", "short", 1, SHORT, " It ran."),
+        request("loglikelihood", "long", 2, LONG, " The end."),
+    ]
     alone = BuzzHFLM(pretrained=MODEL, device="cpu", batch_size=4, cache="streaming", budget=24, score_chunk=8)
     expected = [alone.loglikelihood([r])[0][0] for r in mixed]
     assert [logprob for logprob, _ in lm.loglikelihood(mixed)] == pytest.approx(expected, abs=1e-4)
@@ -75,7 +91,10 @@ def test_statistics_are_recorded_per_task_and_request_type(tmp_path) -> None:
 
     lines = [json.loads(line) for line in stats_file.read_text(encoding="utf-8").splitlines()]
     assert [(line["task"], line["request_type"]) for line in lines] == [
-        ("long", "loglikelihood"), ("short", "loglikelihood"), ("short", "generate_until")]
+        ("long", "loglikelihood"),
+        ("short", "loglikelihood"),
+        ("short", "generate_until"),
+    ]
     first = lines[0]
     assert first["pid"] == os.getpid() and first["host"] and first["time"] > 0
     assert first["cache"]["policy"] == "streaming" and first["cache"]["budget"] == 24

@@ -77,7 +77,10 @@ def smoke_tasks():
 def test_group_layout(smoke_tasks):
     assert set(smoke_tasks["tasks"]) == set(SMOKE_SIZES)
     assert set(smoke_tasks["group_map"]["buzz_smoke"]) == {
-        "buzz_cnndm_smoke", "buzz_xsum_smoke", "buzz_wikitext_smoke", "buzz_10qa_smoke"
+        "buzz_cnndm_smoke",
+        "buzz_xsum_smoke",
+        "buzz_wikitext_smoke",
+        "buzz_10qa_smoke",
     }
     index = TaskManager(include_path=str(TASKS), include_defaults=False).all_tasks
     for name in ("buzz", "buzz_cnndm", "buzz_xsum", "buzz_wikitext", "buzz_10qa", "buzz_10qa_gold4"):
@@ -206,13 +209,24 @@ def test_10qa_hub_file_layout(tmp_path):
     (name,) = cfg["dataset_kwargs"]["data_files"].values()
     gold = {"title": "Gold", "text": "The answer is Paris.", "hasanswer": True, "isgold": True}
     distractors = [
-        {"id": str(i), "title": f"T{i}", "text": f"text {i}", "score": "1.5", "hasanswer": False,
-         "original_retrieval_index": i, "isgold": False}
+        {
+            "id": str(i),
+            "title": f"T{i}",
+            "text": f"text {i}",
+            "score": "1.5",
+            "hasanswer": False,
+            "original_retrieval_index": i,
+            "isgold": False,
+        }
         for i in range(29)
     ]
     annotated = {"title": "Gold", "long_answer": "x", "chunked_long_answer": "x", "short_answers": ["Paris"]}
-    record = {"question": "capital of france", "answers": ["Paris"], "ctxs": [gold, *distractors],
-              "nq_annotated_gold": annotated}
+    record = {
+        "question": "capital of france",
+        "answers": ["Paris"],
+        "ctxs": [gold, *distractors],
+        "nq_annotated_gold": annotated,
+    }
     with gzip.open(tmp_path / name, "wt", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")
     loaded = datasets.load_dataset(str(tmp_path), data_files={"test": name}, cache_dir=str(tmp_path / "cache"))
@@ -277,6 +291,13 @@ def _run_buzz_smoke(lm_eval):
     model_args = {"pretrained": str(DEFAULT_MODEL_DIR), "dtype": "float32"}
     manager = TaskManager(include_path=str(TASKS), include_defaults=False, metadata=model_args)
     return lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=["buzz_smoke"], task_manager=manager,
-        device="cpu", batch_size=1, limit=1, log_samples=False, bootstrap_iters=0,
+        model="hf",
+        model_args=model_args,
+        tasks=["buzz_smoke"],
+        task_manager=manager,
+        device="cpu",
+        batch_size=1,
+        limit=1,
+        log_samples=False,
+        bootstrap_iters=0,
     )

@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from buzz_lm_eval.policies import build_policy
+from buzz_lm_eval.policies import POLICIES, build_policy
 from buzz_lm_eval.policies.base import EVICT_MODES, SIGNALS
 from buzz_lm_eval.policies.random_policy import uniform_scores
-from buzz_lm_eval.policies import POLICIES
 
 NEW = ("snapkv", "pyramidkv", "tova", "knorm", "random")
 
@@ -63,8 +62,7 @@ def ref_random(rows, capacity, seed, step, **_):
     return [best(scores, capacity)] * len(rows)
 
 
-REFERENCES = {"snapkv": ref_snapkv, "pyramidkv": ref_snapkv, "tova": ref_tova, "knorm": ref_knorm,
-              "random": ref_random}
+REFERENCES = {"snapkv": ref_snapkv, "pyramidkv": ref_snapkv, "tova": ref_tova, "knorm": ref_knorm, "random": ref_random}
 
 
 # -- streams -------------------------------------------------------------------------------------
@@ -97,9 +95,11 @@ def stream(name, sizes, lengths, heads, steps, seed, padded=True):
 
 
 SIZES = {
-    "snapkv": [dict(heavy=5, observation=3, kernel=3, pooling="avg"), dict(heavy=4, observation=2, kernel=5,
-                                                                            pooling="max"),
-               dict(heavy=0, observation=4, kernel=1, pooling="avg")],
+    "snapkv": [
+        dict(heavy=5, observation=3, kernel=3, pooling="avg"),
+        dict(heavy=4, observation=2, kernel=5, pooling="max"),
+        dict(heavy=0, observation=4, kernel=1, pooling="avg"),
+    ],
     "pyramidkv": [dict(heavy=5, observation=3, kernel=3, pooling="max", beta=2)],
     "tova": [dict(capacity=6), dict(capacity=1)],
     "knorm": [dict(capacity=6), dict(capacity=2)],
@@ -178,7 +178,8 @@ def test_random_key_mix_on_python_ints_is_the_tensor_mix():
 
     generator = torch.Generator().manual_seed(0)
     values = [0, 1, (1 << 63) - 1, 1 << 63, _U64] + [
-        int(v) & _U64 for v in torch.randint(-(1 << 63), (1 << 63) - 1, (2000,), generator=generator)]
+        int(v) & _U64 for v in torch.randint(-(1 << 63), (1 << 63) - 1, (2000,), generator=generator)
+    ]
     tensor = mix64(torch.tensor([_signed(v) for v in values]))
     assert [int(v) & _U64 for v in tensor] == [mix64_int(v) for v in values]
 
@@ -227,8 +228,12 @@ def test_pyramid_schedule_by_hand():
 
 # -- budget rule and bad sizes -----------------------------------------------------------------
 def test_budget_rule_for_the_new_policies():
-    assert build_policy("snapkv", budget=256).sizes() == {"heavy": 223, "observation": 32, "kernel": 7,
-                                                          "pooling": "avg"}
+    assert build_policy("snapkv", budget=256).sizes() == {
+        "heavy": 223,
+        "observation": 32,
+        "kernel": 7,
+        "pooling": "avg",
+    }
     assert build_policy("snapkv", budget=16).sizes()["observation"] == 7  # (N - 1) // 2 when 32 does not fit
     assert build_policy("snapkv", budget=100, observation=10).sizes()["heavy"] == 89
     assert build_policy("pyramidkv", budget=64, beta=4).sizes()["beta"] == 4

@@ -23,9 +23,23 @@ def sweep(tmp_path: Path, batch_size: int) -> Path:
     """One sweep of every policy at budget 64 on the shipped model, with samples."""
     out = tmp_path / f"bs{batch_size}"
     script = Path(sys.executable).with_name("buzz-lm-eval")
-    cmd = [str(script), "sweep", "--model_args", f"batch_size={batch_size},device=cpu", "--policies",
-           ",".join(POLICY_NAMES), "--budgets", "64", "--tasks", TASKS, "--limit", "5", "--log_samples",
-           "--output", str(out)]
+    cmd = [
+        str(script),
+        "sweep",
+        "--model_args",
+        f"batch_size={batch_size},device=cpu",
+        "--policies",
+        ",".join(POLICY_NAMES),
+        "--budgets",
+        "64",
+        "--tasks",
+        TASKS,
+        "--limit",
+        "5",
+        "--log_samples",
+        "--output",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -42,8 +56,9 @@ def outcomes(out: Path) -> dict:
         for path in sorted(run_dir.glob("samples_*.jsonl")):
             task = path.name.split("_20")[0]
             rows = [json.loads(line) for line in path.read_text().splitlines()]
-            samples[task] = sorted((row["doc_id"], json.dumps(row["resps"]), json.dumps(row["filtered_resps"]))
-                                   for row in rows)
+            samples[task] = sorted(
+                (row["doc_id"], json.dumps(row["resps"]), json.dumps(row["filtered_resps"])) for row in rows
+            )
         found[run_dir.name] = (metrics, samples)
     return found
 
@@ -61,14 +76,22 @@ def test_a_sweep_of_every_policy_gives_the_same_results_at_batch_sizes_1_3_and_8
 
 
 def generations(tmp_path: Path, batch_size: int, cache_args: str) -> list:
-    path, _ = run_lm_eval(tmp_path / str(batch_size), "buzz_hf", cache_args, "buzz_xsum_smoke", limit=6,
-                          extra=("--batch_size", str(batch_size), "--log_samples"))
+    path, _ = run_lm_eval(
+        tmp_path / str(batch_size),
+        "buzz_hf",
+        cache_args,
+        "buzz_xsum_smoke",
+        limit=6,
+        extra=("--batch_size", str(batch_size), "--log_samples"),
+    )
     [samples] = path.parent.glob("samples_*.jsonl")
     return sorted((row["doc_id"], row["resps"]) for row in map(json.loads, samples.read_text().splitlines()))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache_args", ["cache=buzz,budget=64", "cache=h2o,budget=64,prefill_chunk=24",
-                                        "cache=random,budget=64,evict=every_forward"])
+@pytest.mark.parametrize(
+    "cache_args",
+    ["cache=buzz,budget=64", "cache=h2o,budget=64,prefill_chunk=24", "cache=random,budget=64,evict=every_forward"],
+)
 def test_the_lm_eval_cli_generates_the_same_at_batch_1_and_8(tmp_path, cache_args):
     assert generations(tmp_path, 1, cache_args) == generations(tmp_path, 8, cache_args)

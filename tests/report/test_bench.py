@@ -20,8 +20,21 @@ import bench_targets as targets  # noqa: E402
 
 
 def small_args(*extra: str):
-    return bench_cache.parse_args(["--lengths", "48", "--budgets", "16", "--steps", "3", "--chunk", "16",
-                                   "--device", conftest.DEVICE.type, *extra])
+    return bench_cache.parse_args(
+        [
+            "--lengths",
+            "48",
+            "--budgets",
+            "16",
+            "--steps",
+            "3",
+            "--chunk",
+            "16",
+            "--device",
+            conftest.DEVICE.type,
+            *extra,
+        ]
+    )
 
 
 def test_probe_reads_held_tokens_and_resident_bytes():
@@ -82,8 +95,11 @@ def test_resident_bytes_count_a_shared_storage_once():
 def test_side_by_side_cases_stay_within_budget_and_bound():
     model = tiny_model("llama")
     args = small_args()
-    specs = [bench_run.Spec("tiny", "full", None, 48), bench_run.Spec("tiny", "h2o", 16, 48, "every_forward"),
-             bench_run.Spec("tiny", "snapkv", 16, 48, "after_prefill")]
+    specs = [
+        bench_run.Spec("tiny", "full", None, 48),
+        bench_run.Spec("tiny", "h2o", 16, 48, "every_forward"),
+        bench_run.Spec("tiny", "snapkv", 16, 48, "after_prefill"),
+    ]
     full, h2o, snapkv = rows = bench_run.run_cases(model, specs, 3, args)
     bench_run.add_ratios(rows)
     per_token = 2 * 2 * 2 * 16 * 4
@@ -103,13 +119,17 @@ def test_grouping_section_compares_grouped_drops_with_layer_by_layer():
     model = tiny_model("llama")
     rows = bench_cache.grouping_section(model, "tiny", 48, 16, small_args())
     assert [(r["policy"], r["drops"], r["batch_layers"]) for r in rows[:2]] == [
-        ("h2o", "layer by layer", False), ("h2o", "grouped", True)]
+        ("h2o", "layer by layer", False),
+        ("h2o", "grouped", True),
+    ]
     assert len(rows) == 2 * len(targets.GROUPED_POLICIES) and all(r["evictions"] == 3 for r in rows)
     for alone, grouped in zip(rows[::2], rows[1::2], strict=True):
         assert grouped["evict_x_alone"] == pytest.approx(grouped["evict_ms"] / alone["evict_ms"])
         assert grouped["step_x_alone"] == bench_cache.paired_ratio(grouped, alone)
     lines = targets.grouping_lines(rows)
-    assert len(lines) == len(targets.GROUPED_POLICIES) and lines[0].startswith("- info: tiny h2o every_forward budget 16")
+    assert len(lines) == len(targets.GROUPED_POLICIES) and lines[0].startswith(
+        "- info: tiny h2o every_forward budget 16"
+    )
 
 
 def test_prefill_section_keeps_each_cases_best_of_its_side_by_side_runs(monkeypatch):
@@ -118,8 +138,11 @@ def test_prefill_section_keeps_each_cases_best_of_its_side_by_side_runs(monkeypa
     # per forward, in the side-by-side order (full, h2o | h2o, full | full, h2o) of each of 3 runs:
     # full is fastest in run 1 (0.3 s), h2o in run 2 (0.6 s)
     seconds = iter([0.1, 0.5, 0.5, 0.1, 0.1, 0.5] + [1, 0.2, 0.2, 1, 1, 0.2] + [1] * 6)
-    monkeypatch.setattr(bench_run.Case, "prefill_chunk", lambda case, model, start: setattr(
-        case, "prefill_s", case.prefill_s + next(seconds)))
+    monkeypatch.setattr(
+        bench_run.Case,
+        "prefill_chunk",
+        lambda case, model, start: setattr(case, "prefill_s", case.prefill_s + next(seconds)),
+    )
     specs = [bench_run.Spec("tiny", "full", None, 48), bench_run.Spec("tiny", "h2o", 16, 48, "after_prefill")]
     full, h2o = bench_run.best_prefills(model, specs, 3, args)
     assert (full["policy"], h2o["policy"], h2o["evict"], h2o["repeats"]) == ("full", "h2o", "after_prefill", 3)
@@ -138,18 +161,30 @@ def test_decode_pairs_repeat_and_the_targets_read_their_medians(monkeypatch):
 
     def scripted(model, specs, steps, args):
         ratio, share = next(ratios), next(shares)
-        return [row(specs[0].policy, step_ms_all=[20.0 * ratio], step_ms_median=20.0 * ratio, evict_share_pct=share),
-                row("full", None, step_ms_all=[20.0], step_ms_median=20.0)]
+        return [
+            row(specs[0].policy, step_ms_all=[20.0 * ratio], step_ms_median=20.0 * ratio, evict_share_pct=share),
+            row("full", None, step_ms_all=[20.0], step_ms_median=20.0),
+        ]
 
     monkeypatch.setattr(bench_cache, "run_cases", scripted)
-    spec, reference = bench_run.Spec("wide", "tova", 1024, 4096, "every_forward"), bench_run.Spec("wide", "full", None, 1024)
+    spec, reference = (
+        bench_run.Spec("wide", "tova", 1024, 4096, "every_forward"),
+        bench_run.Spec("wide", "full", None, 1024),
+    )
     three = bench_cache.repeated_pair(None, spec, reference, small_args("--repeats", "3"))
     assert three["step_x_ref"] == pytest.approx(1.01) and three["evict_share_pct"] == 4.5
-    assert three["step_x_ref_runs"] == pytest.approx([0.99, 1.01, 1.05]) and three["evict_share_runs"] == [4.0, 4.5, 5.2]
+    assert three["step_x_ref_runs"] == pytest.approx([0.99, 1.01, 1.05]) and three["evict_share_runs"] == [
+        4.0,
+        4.5,
+        5.2,
+    ]
     two = bench_cache.repeated_pair(None, spec, reference, small_args("--repeats", "2"))
     assert two["step_x_ref"] == pytest.approx(1.2) and two["evict_share_median"] == 6.0  # the upper of two
-    section = {"reference": [row("full", None, length=1024)] * 2, "noise_pct": 0.1,
-               "rows": [three | {"evict_share_pct": 5.2, "evict_share_median": 4.5}, two]}
+    section = {
+        "reference": [row("full", None, length=1024)] * 2,
+        "noise_pct": 0.1,
+        "rows": [three | {"evict_share_pct": 5.2, "evict_share_median": 4.5}, two],
+    }
     shares_lines = targets.evict_share_lines(section, [])
     assert shares_lines[0].startswith("- **PASS**") and "median of 3 runs: 4.00%, 4.50%, 5.20%" in shares_lines[0]
     assert shares_lines[1].startswith("- **FAIL**")
@@ -169,17 +204,33 @@ def test_decode_section_rows_carry_every_runs_ratio():
 
 
 def row(policy: str, evict: str | None = "every_forward", **values) -> dict:
-    base = {"model": "wide", "policy": policy, "evict": evict, "budget": 1024, "length": 4096, "steps": 32,
-            "evict_ms": 0.5, "step_ms": 20.0, "evict_share_pct": 2.5, "evictions": 0, "step_ms_median": 20.0}
+    base = {
+        "model": "wide",
+        "policy": policy,
+        "evict": evict,
+        "budget": 1024,
+        "length": 4096,
+        "steps": 32,
+        "evict_ms": 0.5,
+        "step_ms": 20.0,
+        "evict_share_pct": 2.5,
+        "evictions": 0,
+        "step_ms_median": 20.0,
+    }
     return base | values
 
 
 def test_step_target_uses_the_noise_allowance():
     limit = 1 + targets.NOISE_ALLOWANCE_PCT / 100
     reference = row("full", None, budget=None, length=1024)
-    section = {"reference": [reference, reference], "noise_pct": 0.5, "rows": [
-        row("h2o", step_x_ref=limit - 0.001, ref_step_ms_median=20.0),
-        row("tova", step_x_ref=limit + 0.001, ref_step_ms_median=20.0)]}
+    section = {
+        "reference": [reference, reference],
+        "noise_pct": 0.5,
+        "rows": [
+            row("h2o", step_x_ref=limit - 0.001, ref_step_ms_median=20.0),
+            row("tova", step_x_ref=limit + 0.001, ref_step_ms_median=20.0),
+        ],
+    }
     lines = targets.step_lines(section)
     assert "**PASS** wide h2o" in lines[1] and "**FAIL** wide tova" in lines[2]
     assert not any("warning" in line for line in lines)
@@ -198,8 +249,13 @@ def test_step_ratio_pairs_the_steps_of_one_round():
 
 
 def test_buzz_every_forward_share_is_judged_on_its_amortised_cycle():
-    section = {"rows": [row("buzz", evict_share_pct=0.1), row("buzz", "after_prefill", evict_share_pct=0.1),
-                        row("h2o", evict_share_pct=6.0)]}
+    section = {
+        "rows": [
+            row("buzz", evict_share_pct=0.1),
+            row("buzz", "after_prefill", evict_share_pct=0.1),
+            row("h2o", evict_share_pct=6.0),
+        ]
+    }
     cycle = row("buzz", steps=729, evictions=1, evict_share_pct=7.0)
     lines = targets.evict_share_lines(section, [cycle])
     assert lines[0].startswith("- **FAIL** wide buzz every_forward") and "729 steps" in lines[0]
@@ -213,9 +269,12 @@ def test_memory_and_prefill_verdicts():
     assert targets.memory_lines({"t": [inside]})[0].startswith("- **PASS** t:")
     failed = targets.memory_lines({"t": [inside, over]})[0]
     assert failed.startswith("- **FAIL** t:") and "over: wide local" in failed
-    prefill = [row("full", None, budget=None, prefill_x_full=1.0, prefill_s=1.0),
-               row("h2o", prefill_x_full=1.25, prefill_s=1.25), row("buzz", prefill_x_full=1.1, prefill_s=1.1),
-               row("local", prefill_x_full=2.0, prefill_s=2.0)]
+    prefill = [
+        row("full", None, budget=None, prefill_x_full=1.0, prefill_s=1.0),
+        row("h2o", prefill_x_full=1.25, prefill_s=1.25),
+        row("buzz", prefill_x_full=1.1, prefill_s=1.1),
+        row("local", prefill_x_full=2.0, prefill_s=2.0),
+    ]
     lines = targets.prefill_lines(prefill)
     assert [line[:10] for line in lines] == ["- **FAIL**", "- **PASS**"]  # local keeps no scores: not judged
 
@@ -224,22 +283,34 @@ def test_host_sync_verdicts():
     assert targets.gpu_lines([], None, "cpu")[0].startswith("- info: host-sync check")
 
     def sync_row(policy, syncs, **counts):
-        return {"policy": policy, "budget": None if policy == "full" else 1024, "length": 4096,
-                "counts": {"cuda_calls": 50} | counts, "syncs": syncs}
+        return {
+            "policy": policy,
+            "budget": None if policy == "full" else 1024,
+            "length": 4096,
+            "counts": {"cuda_calls": 50} | counts,
+            "syncs": syncs,
+        }
 
-    syncs = [sync_row("full", 0, **{"aten::item": 1}), sync_row("buzz", 0),
-             sync_row("h2o", 2, cudaStreamSynchronize=2), sync_row("tova", 0, cuda_calls=0)]
+    syncs = [
+        sync_row("full", 0, **{"aten::item": 1}),
+        sync_row("buzz", 0),
+        sync_row("h2o", 2, cudaStreamSynchronize=2),
+        sync_row("tova", 0, cuda_calls=0),
+    ]
     lines = targets.gpu_lines([], syncs, "cuda")
     assert [line.split()[1] for line in lines] == ["info:", "**PASS**", "**FAIL**", "**FAIL**"]
     assert "aten::item x1" in lines[0] and "cudaStreamSynchronize x2" in lines[2]
     assert "recorded no CUDA runtime call" in lines[3]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--budgets", "0"], "--budgets needs positive integers, got [0]"),
-    (["--policies", "buzz,nope"], "unknown policies ['nope']; valid: full,"),
-    (["--chunk", "-1"], "--chunk needs positive integers, got [-1]"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budgets", "0"], "--budgets needs positive integers, got [0]"),
+        (["--policies", "buzz,nope"], "unknown policies ['nope']; valid: full,"),
+        (["--chunk", "-1"], "--chunk needs positive integers, got [-1]"),
+    ],
+)
 def test_bad_options_stop_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_cache.parse_args(argv)

@@ -12,8 +12,8 @@ import pytest
 
 from buzz_lm_eval import cli
 from buzz_lm_eval.harness import files
-from buzz_lm_eval.report import leaderboard
 from buzz_lm_eval.harness.run_stats import RunStats
+from buzz_lm_eval.report import leaderboard
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DIRECTIONS = {"acc": True, "word_perplexity": False, "bypass": True}
@@ -24,20 +24,43 @@ def summary(peak: int, ratio: float, sequences: int = 1) -> dict[str, Any]:
     """A per-task statistics summary as buzz_hf writes it (one batch per sequence)."""
     stats = RunStats()
     for _ in range(sequences):
-        stats.add({"tokens_seen": 100, "kept_tokens_peak": peak, "kept_tokens_mean": peak * 0.9,
-                   "kv_bytes_peak": peak * 1024, "kv_bytes_mean": peak * 900, "compression_ratio": ratio,
-                   "evict_seconds": 0.1}, 1, 100, 0.1)
+        stats.add(
+            {
+                "tokens_seen": 100,
+                "kept_tokens_peak": peak,
+                "kept_tokens_mean": peak * 0.9,
+                "kv_bytes_peak": peak * 1024,
+                "kv_bytes_mean": peak * 900,
+                "compression_ratio": ratio,
+                "evict_seconds": 0.1,
+            },
+            1,
+            100,
+            0.1,
+        )
     return stats.summary()
 
 
 def buzz_cache(policy: str, budget: int | None, **stats: Any) -> dict[str, Any]:
     """A ``config["buzz_cache"]`` block as buzz_hf writes it (whole-run statistics only)."""
     cache = {
-        "policy": policy, "budget": budget, "sink": 4, "window": 16, "threshold": None, "stride": None,
-        "heavy": None, "recent": None, "prefill_chunk": 512, "tokens_seen": 4096,
-        "kept_tokens_peak": budget or 4096, "kept_tokens_mean": (budget or 4096) * 0.9,
-        "kv_bytes_peak": (budget or 4096) * 1024, "kv_bytes_mean": (budget or 4096) * 900,
-        "compression_ratio": 4096 / (budget or 4096), "evict_seconds": 0.5, "tokens_per_second": 1000.0,
+        "policy": policy,
+        "budget": budget,
+        "sink": 4,
+        "window": 16,
+        "threshold": None,
+        "stride": None,
+        "heavy": None,
+        "recent": None,
+        "prefill_chunk": 512,
+        "tokens_seen": 4096,
+        "kept_tokens_peak": budget or 4096,
+        "kept_tokens_mean": (budget or 4096) * 0.9,
+        "kv_bytes_peak": (budget or 4096) * 1024,
+        "kv_bytes_mean": (budget or 4096) * 900,
+        "compression_ratio": 4096 / (budget or 4096),
+        "evict_seconds": 0.5,
+        "tokens_per_second": 1000.0,
     }
     cache.update(stats)
     return cache
@@ -53,15 +76,25 @@ def results_json(
 ) -> dict[str, Any]:
     """An lm-eval 0.4.13 results file: ``metrics`` is {task: {metric: value}}, stderr = value / 100."""
     results = {
-        task: {"alias": task, "sample_len": 50,
-               **{f"{m},none": v for m, v in values.items()},
-               **{f"{m}_stderr,none": v / 100 for m, v in values.items()}}
+        task: {
+            "alias": task,
+            "sample_len": 50,
+            **{f"{m},none": v for m, v in values.items()},
+            **{f"{m}_stderr,none": v / 100 for m, v in values.items()},
+        }
         for task, values in metrics.items()
     }
-    config: dict[str, Any] = {"model": model, "model_args": f"pretrained={pretrained},dtype=float32",
-                              "model_num_parameters": 1000, "model_dtype": "torch.float32",
-                              "model_revision": "main", "model_sha": "", "batch_size": 1, "device": "cpu",
-                              "limit": 50.0}
+    config: dict[str, Any] = {
+        "model": model,
+        "model_args": f"pretrained={pretrained},dtype=float32",
+        "model_num_parameters": 1000,
+        "model_dtype": "torch.float32",
+        "model_revision": "main",
+        "model_sha": "",
+        "batch_size": 1,
+        "device": "cpu",
+        "limit": 50.0,
+    }
     if cache is not None:
         config["buzz_cache"] = cache
     return {
@@ -77,12 +110,13 @@ def results_json(
         "date": date,
         "model_name": pretrained,
         "model_name_sanitized": pretrained.replace("/", "__"),
-        "chat_template": None, "chat_template_sha": None, "max_length": 2048,
+        "chat_template": None,
+        "chat_template_sha": None,
+        "max_length": 2048,
     }
 
 
-def write_run(root: Path, run: str, data: dict[str, Any] | str,
-              stamp: str = "2025-01-01T00-00-00") -> Path:
+def write_run(root: Path, run: str, data: dict[str, Any] | str, stamp: str = "2025-01-01T00-00-00") -> Path:
     """Write ``data`` where lm-eval's EvaluationTracker would put it under ``root/run``."""
     path = root / run / "__models__tiny-llama" / f"results_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,10 +128,15 @@ def write_run(root: Path, run: str, data: dict[str, Any] | str,
 def sweep(tmp_path: Path) -> Path:
     """A small sweep: full cache plus local and buzz at budgets 64 and 128."""
     root = tmp_path / "results"
-    write_run(root, "full", results_json({"arc": {"acc": 0.80}, "wiki": {"word_perplexity": 10.0}},
-                                         buzz_cache("full", None)))
-    for policy, budget, acc, ppl in [("buzz", 64, 0.60, 20.0), ("local", 64, 0.40, 40.0),
-                                     ("buzz", 128, 0.72, 12.5), ("local", 128, 0.64, 16.0)]:
+    write_run(
+        root, "full", results_json({"arc": {"acc": 0.80}, "wiki": {"word_perplexity": 10.0}}, buzz_cache("full", None))
+    )
+    for policy, budget, acc, ppl in [
+        ("buzz", 64, 0.60, 20.0),
+        ("local", 64, 0.40, 40.0),
+        ("buzz", 128, 0.72, 12.5),
+        ("local", 128, 0.64, 16.0),
+    ]:
         metrics = {"arc": {"acc": acc}, "wiki": {"word_perplexity": ppl}}
         write_run(root, f"{policy}_b{budget}", results_json(metrics, buzz_cache(policy, budget)))
     return root
@@ -119,19 +158,43 @@ def test_row_schema_and_values(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert leaderboard.main([str(sweep), "--output", str(out)]) == 0
     row = find(load_rows(out), task="arc", policy="buzz", budget=64)
-    settings = {"dtype": "torch.float32", "task_version": 1.0, "limit": 50, "num_fewshot": 0,
-                "chat_template": None, "system_instruction": None, "fewshot_as_multiturn": None,
-                "generation_kwargs": None, "max_length": 2048, "predict_only": False}
+    settings = {
+        "dtype": "torch.float32",
+        "task_version": 1.0,
+        "limit": 50,
+        "num_fewshot": 0,
+        "chat_template": None,
+        "system_instruction": None,
+        "fewshot_as_multiturn": None,
+        "generation_kwargs": None,
+        "max_length": 2048,
+        "predict_only": False,
+    }
     cache = {key: value for key, value in buzz_cache("buzz", 64).items() if key in CACHE_KEYS}
     assert row == {
-        "model": "tiny-llama", "task": "arc", "metric": "acc", "filter": "none", "policy": "buzz",
-        "budget": 64, "value": 0.60, "stderr": pytest.approx(0.006), "higher_is_better": True,
-        "relative_quality": pytest.approx(0.75), "full_value": 0.80,
-        "full_source": "full/__models__tiny-llama/results_2025-01-01T00-00-00.json", "compression_ratio": 64.0,
-        "kv_bytes_peak": 65536, "kept_tokens_peak": 64, "tokens_per_second": 1000.0, "stats_scope": "run",
-        "n_samples": 50, "source": "buzz_b64/__models__tiny-llama/results_2025-01-01T00-00-00.json",
+        "model": "tiny-llama",
+        "task": "arc",
+        "metric": "acc",
+        "filter": "none",
+        "policy": "buzz",
+        "budget": 64,
+        "value": 0.60,
+        "stderr": pytest.approx(0.006),
+        "higher_is_better": True,
+        "relative_quality": pytest.approx(0.75),
+        "full_value": 0.80,
+        "full_source": "full/__models__tiny-llama/results_2025-01-01T00-00-00.json",
+        "compression_ratio": 64.0,
+        "kv_bytes_peak": 65536,
+        "kept_tokens_peak": 64,
+        "tokens_per_second": 1000.0,
+        "stats_scope": "run",
+        "n_samples": 50,
+        "source": "buzz_b64/__models__tiny-llama/results_2025-01-01T00-00-00.json",
         "model_id": {"path": "/models/tiny-llama", "revision": "main", "sha": None, "peft": None, "delta": None},
-        "settings": settings, "cache": cache, "comparison": row["comparison"],
+        "settings": settings,
+        "cache": cache,
+        "comparison": row["comparison"],
         "notes": ["statistics are the whole run's (the file has no per-task statistics)"],
     }
     full = find(load_rows(out), task="arc", policy="full")
@@ -152,8 +215,13 @@ def test_relative_quality_orientation(sweep: Path) -> None:
 def test_rows_sorted_by_task_budget_policy(sweep: Path) -> None:
     assert leaderboard.main([str(sweep)]) == 0
     order = [(r["task"], r["budget"], r["policy"]) for r in load_rows(sweep)]
-    arc = [("arc", None, "full"), ("arc", 64, "local"), ("arc", 64, "buzz"),
-           ("arc", 128, "local"), ("arc", 128, "buzz")]
+    arc = [
+        ("arc", None, "full"),
+        ("arc", 64, "local"),
+        ("arc", 64, "buzz"),
+        ("arc", 128, "local"),
+        ("arc", 128, "buzz"),
+    ]
     assert order == arc + [("wiki", *key[1:]) for key in arc]
 
 
@@ -174,8 +242,9 @@ def test_markdown_table(sweep: Path) -> None:
     note = "  |"
     full = "| tiny-llama | full | full | 0.8000 | 0.0080 | 1.000 | 1.00× | 4.0 MiB | 4096 | 1000.0 | 50 |" + note
     buzz64 = "| tiny-llama | buzz | 64 | 0.6000 | 0.0060 | 0.750 | 64.00× | 64.0 KiB | 64 | 1000.0 | 50 |" + note
-    local128 = ("| tiny-llama | local | 128 | 0.6400 | 0.0064 | 0.800 | 32.00× | 128.0 KiB | 128 "
-                "| 1000.0 | 50 |") + note
+    local128 = (
+        "| tiny-llama | local | 128 | 0.6400 | 0.0064 | 0.800 | 32.00× | 128.0 KiB | 128 | 1000.0 | 50 |"
+    ) + note
     assert "tiny-llama (`/models/tiny-llama`, revision main) · dtype torch.float32 · task_version 1.0" in text
     assert "Every row: statistics are the whole run's (the file has no per-task statistics)." in text
     assert full in text
@@ -187,7 +256,8 @@ def test_plots_are_valid_pngs(sweep: Path, tmp_path: Path) -> None:
     assert leaderboard.main([str(sweep), "--output", str(out)]) == 0
     pngs = sorted(path.name for path in out.glob("*.png"))
     assert pngs == [
-        "arc__acc__tiny-llama__vs_budget.png", "arc__acc__tiny-llama__vs_compression.png",
+        "arc__acc__tiny-llama__vs_budget.png",
+        "arc__acc__tiny-llama__vs_compression.png",
         "wiki__word_perplexity__tiny-llama__vs_budget.png",
         "wiki__word_perplexity__tiny-llama__vs_compression.png",
     ]
@@ -197,8 +267,9 @@ def test_plots_are_valid_pngs(sweep: Path, tmp_path: Path) -> None:
     assert not list(out.glob(".*")), "temporary files left behind"
 
 
-def test_missing_matplotlib_still_writes_tables(sweep: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_matplotlib_still_writes_tables(
+    sweep: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert leaderboard.main([str(sweep)]) == 0
     assert "matplotlib is not installed" in capsys.readouterr().out
@@ -243,8 +314,9 @@ def test_duplicates_keep_newest(tmp_path: Path, capsys: pytest.CaptureFixture[st
     cache = buzz_cache("buzz", 64)
     newer = write_run(tmp_path, "rerun", results_json({"arc": {"acc": 0.7}}, cache, date=2e9))
     # the older run has the later file name: the JSON date must win
-    older = write_run(tmp_path, "first", results_json({"arc": {"acc": 0.3}}, cache, date=1e9),
-                      stamp="2099-01-01T00-00-00")
+    older = write_run(
+        tmp_path, "first", results_json({"arc": {"acc": 0.3}}, cache, date=1e9), stamp="2099-01-01T00-00-00"
+    )
     assert leaderboard.main([str(tmp_path)]) == 0
     row = find(load_rows(tmp_path), policy="buzz")
     assert row["value"] == 0.7 and row["source"] == newer.relative_to(tmp_path).as_posix()
@@ -271,8 +343,9 @@ def test_cli_dispatch(sweep: Path, tmp_path: Path) -> None:
     assert load_rows(tmp_path / "cli")
 
 
-def test_read_only_output_folder_names_the_output(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_read_only_output_folder_names_the_output(
+    sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "readonly"
     out.mkdir()
 

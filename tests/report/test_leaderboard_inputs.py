@@ -16,15 +16,24 @@ from buzz_lm_eval.report.results_reader import ModelId, model_id
 from .test_leaderboard import buzz_cache, find, load_rows, results_json, summary, write_run
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    ({"config": {"model_args": {"pretrained": "org/Model-1B", "revision": "v2"}, "model_sha": "abc"}},
-     ModelId("org/Model-1B", "v2", "abc", None, None)),
-    ({"config": {"model_args": "pretrained=/data/llama/,peft=/ad", "model_revision": "main"}},
-     ModelId("/data/llama/", "main", None, "/ad", None)),
-    ({"config": {"model_args": "", "model_name_or_path": "/m/phi"}}, ModelId("/m/phi", "main", None, None, None)),
-    ({"config": {"model": "buzz_hf"}, "model_name": "C:\\models\\phi"},
-     ModelId("C:\\models\\phi", "main", None, None, None)),
-])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"config": {"model_args": {"pretrained": "org/Model-1B", "revision": "v2"}, "model_sha": "abc"}},
+            ModelId("org/Model-1B", "v2", "abc", None, None),
+        ),
+        (
+            {"config": {"model_args": "pretrained=/data/llama/,peft=/ad", "model_revision": "main"}},
+            ModelId("/data/llama/", "main", None, "/ad", None),
+        ),
+        ({"config": {"model_args": "", "model_name_or_path": "/m/phi"}}, ModelId("/m/phi", "main", None, None, None)),
+        (
+            {"config": {"model": "buzz_hf"}, "model_name": "C:\\models\\phi"},
+            ModelId("C:\\models\\phi", "main", None, None, None),
+        ),
+    ],
+)
 def test_model_id(data: dict[str, Any], expected: ModelId) -> None:
     assert model_id(data) == expected
 
@@ -33,13 +42,19 @@ def test_display_names_tell_models_apart() -> None:
     a, b = ModelId("/a/x/m", "main", None, None, None), ModelId("/b/x/m", "main", None, None, None)
     hub, hub2 = ModelId("org/m", "main", None, None, None), ModelId("org/m", "v2", None, None, None)
     names = leaderboard.display_names([a, b, hub, hub2, ModelId("/z/solo", "main", None, None, None)])
-    assert names == {a: "a/x/m", b: "b/x/m", hub: "org/m revision=main", hub2: "org/m revision=v2",
-                     ModelId("/z/solo", "main", None, None, None): "solo"}
+    assert names == {
+        a: "a/x/m",
+        b: "b/x/m",
+        hub: "org/m revision=main",
+        hub2: "org/m revision=v2",
+        ModelId("/z/solo", "main", None, None, None): "solo",
+    }
 
 
 # -- results that hold up (issue 16) ----------------------------------------------------------
-def test_two_models_in_folders_with_the_same_name_never_merge(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_models_in_folders_with_the_same_name_never_merge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for folder, acc in (("real", 0.7), ("random", 0.2)):
         data = results_json({"arc": {"acc": acc}}, buzz_cache("buzz", 64), pretrained=f"/{folder}/stories260K")
         write_run(tmp_path, folder, data)
@@ -54,8 +69,10 @@ def test_non_utf8_file_names_are_named_and_read(tmp_path: Path, capsys: pytest.C
     write_run(tmp_path, os.fsdecode(b"buzz\xff"), results_json({"arc": {"acc": 0.4}}, buzz_cache("buzz", 64)))
     (tmp_path / os.fsdecode(b"notes\xfe.txt")).write_text("not json", encoding="utf-8")
     assert leaderboard.main([str(tmp_path)]) == 0
-    assert "buzz\\xff/__models__tiny-llama/results_2025-01-01T00-00-00.json: file name is not valid UTF-8" \
+    assert (
+        "buzz\\xff/__models__tiny-llama/results_2025-01-01T00-00-00.json: file name is not valid UTF-8"
         in capsys.readouterr().err
+    )
     row = find(load_rows(tmp_path), policy="buzz")
     assert row["source"].startswith("buzz\\xff/") and row["relative_quality"] == pytest.approx(0.5)
     assert "| buzz | 64 | 0.4000 |" in (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
@@ -93,10 +110,15 @@ def test_output_path_json_files_are_read_by_content(tmp_path: Path, capsys: pyte
 
 def test_rows_use_their_own_task_statistics(tmp_path: Path) -> None:
     """Two tasks in one run: each row shows its task's statistics; a group shows its subtasks'."""
-    per_task = {"wiki": {"loglikelihood_rolling": summary(95, 5.39)},
-                "xsum_a": {"generate_until": summary(384, 4.61)}, "xsum_b": {"generate_until": summary(200, 6.0, 3)}}
-    data = results_json({"wiki": {"word_perplexity": 9.0}, "xsum": {"acc": 0.3}, "xsum_a": {"acc": 0.2},
-                         "xsum_b": {"acc": 0.4}}, buzz_cache("buzz", 64, per_task=per_task))
+    per_task = {
+        "wiki": {"loglikelihood_rolling": summary(95, 5.39)},
+        "xsum_a": {"generate_until": summary(384, 4.61)},
+        "xsum_b": {"generate_until": summary(200, 6.0, 3)},
+    }
+    data = results_json(
+        {"wiki": {"word_perplexity": 9.0}, "xsum": {"acc": 0.3}, "xsum_a": {"acc": 0.2}, "xsum_b": {"acc": 0.4}},
+        buzz_cache("buzz", 64, per_task=per_task),
+    )
     data["group_subtasks"] = {"xsum": ["xsum_a", "xsum_b"], "wiki": []}
     write_run(tmp_path, "buzz", data)
     assert leaderboard.main([str(tmp_path)]) == 0
@@ -109,8 +131,9 @@ def test_rows_use_their_own_task_statistics(tmp_path: Path) -> None:
     assert wiki["notes"] == group["notes"] == ["no full-cache run of this model and task"]
 
 
-def test_relative_quality_only_against_a_comparable_full_run(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_relative_quality_only_against_a_comparable_full_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     full = results_json({"arc": {"acc": 0.8}, "gen": {"acc": 0.5}}, buzz_cache("full", None, prefill_chunk=None))
     full["config"]["limit"] = 20
     for data in (full, buzz := results_json({"arc": {"acc": 0.6}, "gen": {"acc": 0.4}}, buzz_cache("buzz", 64))):

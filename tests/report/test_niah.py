@@ -20,12 +20,18 @@ niah = load_task_module("niah/niah.py", "buzz_test_niah")
 def test_grid_defaults_and_bad_values_are_named():
     assert niah.grid({}) == ([1024, 2048, 4096], [0, 25, 50, 75, 100], 1, 0)
     assert niah.grid({"max_seq_lengths": [512, 256, 512], "niah_depths": 50, "niah_samples": 3}) == (
-        [256, 512], [50], 3, 0)
-    for bad, match in [({"niah_depths": [0, 120]}, r"niah_depths=\[0, 120\].*\[0, 100\]"),
-                       ({"max_seq_lengths": []}, "max_seq_lengths=.*non-empty"),
-                       ({"max_seq_lengths": ["1k"]}, "max_seq_lengths"),
-                       ({"niah_samples": 0}, "niah_samples=0 must be an integer >= 1"),
-                       ({"niah_seed": "x"}, "niah_seed='x'")]:
+        [256, 512],
+        [50],
+        3,
+        0,
+    )
+    for bad, match in [
+        ({"niah_depths": [0, 120]}, r"niah_depths=\[0, 120\].*\[0, 100\]"),
+        ({"max_seq_lengths": []}, "max_seq_lengths=.*non-empty"),
+        ({"max_seq_lengths": ["1k"]}, "max_seq_lengths"),
+        ({"niah_samples": 0}, "niah_samples=0 must be an integer >= 1"),
+        ({"niah_seed": "x"}, "niah_seed='x'"),
+    ]:
         with pytest.raises(ValueError, match=match):
             niah.grid(bad)
 
@@ -35,11 +41,12 @@ def test_documents_are_seeded_fill_their_length_and_place_the_needle_by_depth():
     docs = list(niah.dataset(**grid)["test"])
     assert docs == list(niah.dataset(**grid)["test"])  # deterministic
     assert [(d["length"], d["depth"], d["sample"]) for d in docs] == [
-        (length, depth, sample) for length in (256, 480) for depth in (0, 50, 100) for sample in (0, 1)]
+        (length, depth, sample) for length in (256, 480) for depth in (0, 50, 100) for sample in (0, 1)
+    ]
     for doc in docs:
         assert doc["length"] - 25 <= doc["tokens"] <= doc["length"]  # full up to a word, never over
         needle = f"The magic number for {doc['gen_prefix'].split()[-2]} is {doc['answer']}."
-        body = doc["input"][len(niah.INTRO):doc["input"].rindex("\n\nWhat is")]
+        body = doc["input"][len(niah.INTRO) : doc["input"].rindex("\n\nWhat is")]
         position = body.index(needle) / max(1, len(body) - len(needle))
         assert abs(position - doc["depth"] / 100) < 0.2, (doc["depth"], position)
     assert docs[0]["answer"] != docs[1]["answer"] and docs[0]["input"] != docs[1]["input"]  # two samples
@@ -77,8 +84,10 @@ def test_smoke_task_runs_and_the_leaderboard_draws_its_heatmap(tmp_path):
     from lm_eval.utils import handle_non_serializable
 
     results = lm_eval.simple_evaluate(
-        model="buzz_hf", model_args="cache=buzz,budget=64,prefill_chunk=32,device=cpu",
-        tasks=["buzz_niah_smoke"], limit=3,
+        model="buzz_hf",
+        model_args="cache=buzz,budget=64,prefill_chunk=32,device=cpu",
+        tasks=["buzz_niah_smoke"],
+        limit=3,
     )
     values = results["results"]["buzz_niah_smoke"]
     cells = sorted(key for key in values if key.startswith("score_L") and "_stderr" not in key)
@@ -90,7 +99,9 @@ def test_smoke_task_runs_and_the_leaderboard_draws_its_heatmap(tmp_path):
     (run / "results_1.json").write_text(json.dumps(results, default=handle_non_serializable))
     assert leaderboard.main([str(tmp_path / "results"), "--output", str(tmp_path / "out")]) == 0
     [heatmap] = (tmp_path / "out").glob("*__heatmap.png")
-    assert heatmap.name.startswith("buzz_niah_smoke__score__") and heatmap.name.endswith("__buzz_b64_every_forward_shifted__heatmap.png")
+    assert heatmap.name.startswith("buzz_niah_smoke__score__") and heatmap.name.endswith(
+        "__buzz_b64_every_forward_shifted__heatmap.png"
+    )
     assert heatmap.read_bytes().startswith(PNG_SIGNATURE)
     markdown = (tmp_path / "out" / "leaderboard.md").read_text()
     assert "buzz_niah_smoke · score " in markdown and "score_L256" not in markdown
@@ -100,11 +111,22 @@ def test_smoke_task_runs_and_the_leaderboard_draws_its_heatmap(tmp_path):
 
 def test_one_heatmap_per_run_and_metric():
     def row(metric, policy, budget, value):
-        return {"model": "m", "task": "buzz_niah", "filter": "none", "metric": metric, "policy": policy,
-                "budget": budget, "value": value}
+        return {
+            "model": "m",
+            "task": "buzz_niah",
+            "filter": "none",
+            "metric": metric,
+            "policy": policy,
+            "budget": budget,
+            "value": value,
+        }
 
-    rows = [row(f"score_L{length}_D{depth}", policy, budget, 0.5)
-            for policy, budget in (("full", None), ("buzz", 128)) for length in (512, 1024) for depth in (0, 100)]
+    rows = [
+        row(f"score_L{length}_D{depth}", policy, budget, 0.5)
+        for policy, budget in (("full", None), ("buzz", 128))
+        for length in (512, 1024)
+        for depth in (0, 100)
+    ]
     rows.append(row("score", "buzz", 128, 0.5))
     images = render_heatmaps(rows)
     assert sorted(images) == ["buzz_niah__score__m__buzz_b128__heatmap.png", "buzz_niah__score__m__full__heatmap.png"]
@@ -115,12 +137,30 @@ def test_one_heatmap_per_run_and_metric():
 def test_sweep_passes_the_grid_as_metadata(tmp_path):
     from buzz_lm_eval.report import sweep
 
-    code = sweep.main(["--policies", "streaming", "--budgets", "64", "--tasks", "buzz_niah_smoke",
-                       "--prefill_chunk", "32", "--limit", "2", "--output", str(tmp_path),
-                       "--model_args", "device=cpu",
-                       "--metadata", '{"max_seq_lengths": [300], "niah_depths": [10, 90]}'])
+    code = sweep.main(
+        [
+            "--policies",
+            "streaming",
+            "--budgets",
+            "64",
+            "--tasks",
+            "buzz_niah_smoke",
+            "--prefill_chunk",
+            "32",
+            "--limit",
+            "2",
+            "--output",
+            str(tmp_path),
+            "--model_args",
+            "device=cpu",
+            "--metadata",
+            '{"max_seq_lengths": [300], "niah_depths": [10, 90]}',
+        ]
+    )
     assert code == 0
     [path] = (tmp_path / "streaming_b64").glob("results_*.json")
     values = json.loads(path.read_text())["results"]["buzz_niah_smoke"]
     assert sorted(key for key in values if key.startswith("score_L") and "_stderr" not in key) == [
-        "score_L300_D10,none", "score_L300_D90,none"]
+        "score_L300_D10,none",
+        "score_L300_D90,none",
+    ]

@@ -24,8 +24,20 @@ GRID = {"full": None, "streaming_b32": 32, "streaming_b64": 64, "buzz_b32": 32, 
 
 def argv(output: Path, policies="full,streaming,buzz", budgets="32,64", tasks=TASK) -> list[str]:
     """A quick sweep command line: one document, 64-token scoring chunks."""
-    return ["--policies", policies, "--budgets", budgets, "--tasks", tasks, "--limit", "1",
-            "--score_chunk", "64", "--output", str(output)]
+    return [
+        "--policies",
+        policies,
+        "--budgets",
+        budgets,
+        "--tasks",
+        tasks,
+        "--limit",
+        "1",
+        "--score_chunk",
+        "64",
+        "--output",
+        str(output),
+    ]
 
 
 def run_sweep(capsys, args: list[str]) -> tuple[int, str, str]:
@@ -153,16 +165,19 @@ def test_a_failing_run_is_reported_and_the_grid_goes_on(tmp_path, capsys, monkey
     def fake_evaluate(lm, settings, run):
         if run.name == "streaming_b32":
             raise RuntimeError("out of memory\nwhile allocating 2 GiB")
-        return {"results": {TASK: {"word_perplexity,none": 2.0}},
-                "config": {"buzz_cache": {"compression_ratio": 3.0}}}, {}
+        return {
+            "results": {TASK: {"word_perplexity,none": 2.0}},
+            "config": {"buzz_cache": {"compression_ratio": 3.0}},
+        }, {}
 
     monkeypatch.setattr(sweep, "load_model", lambda kwargs: object())
     monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
     code, out, err = run_sweep(capsys, argv(tmp_path, "streaming,buzz", "32"))
     assert code == 1
     [line] = [line for line in err.splitlines() if "FAILED" in line]
-    assert line == ("sweep: streaming_b32 FAILED (RuntimeError: out of memory); continuing "
-                    "(--verbose shows the traceback)")
+    assert line == (
+        "sweep: streaming_b32 FAILED (RuntimeError: out of memory); continuing (--verbose shows the traceback)"
+    )
     assert "Traceback" not in err
     assert not (tmp_path / "streaming_b32").exists()
     assert "word_perplexity=2" in err and results_of(tmp_path / "buzz_b32")["sweep"]["run"] == "buzz_b32"
@@ -219,7 +234,10 @@ def test_ctrl_c_stops_with_one_line_and_the_resume_command(tmp_path, capsys, mon
     code, _, err = run_sweep(capsys, args)
     assert code == 130 and "Traceback" not in err
     [line] = [line for line in err.splitlines() if "interrupted" in line]
-    assert line == f"sweep: interrupted; runs with results: streaming_b32; resume with: buzz-lm-eval sweep {' '.join(args)}"
+    assert (
+        line
+        == f"sweep: interrupted; runs with results: streaming_b32; resume with: buzz-lm-eval sweep {' '.join(args)}"
+    )
     assert results_of(tmp_path / "out" / "streaming_b32") and not (tmp_path / "out" / "buzz_b32").exists()
 
 
@@ -233,9 +251,15 @@ def test_two_tasks_with_their_own_statistics_and_samples(tmp_path, capsys):
     [results] = (output / "buzz_b32").glob("results_*.json")
     date = results.name.removeprefix("results_").removesuffix(".json")
     assert sorted(p.name for p in (output / "buzz_b32").glob("samples_*")) == [
-        f"samples_{TASK}_{date}.jsonl", f"samples_buzz_xsum_smoke_{date}.jsonl"]
-    [sample] = [json.loads(line) for line in (output / "buzz_b32" / f"samples_buzz_xsum_smoke_{date}.jsonl")
-                .read_text(encoding="utf-8").splitlines()]
+        f"samples_{TASK}_{date}.jsonl",
+        f"samples_buzz_xsum_smoke_{date}.jsonl",
+    ]
+    [sample] = [
+        json.loads(line)
+        for line in (output / "buzz_b32" / f"samples_buzz_xsum_smoke_{date}.jsonl")
+        .read_text(encoding="utf-8")
+        .splitlines()
+    ]
     assert sample["doc_id"] == 0 and "gen_args_0" in sample["arguments"] and sample["resps"]
     data = json.loads(results.read_text(encoding="utf-8"))
     assert set(data["task_hashes"]) == {TASK, "buzz_xsum_smoke"} and "samples" not in data
