@@ -21,12 +21,13 @@ from buzz_lm_eval.policies import build_policy
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 SHAPES = {  # randomly initialised Llama shapes, values in SHAPE_KEYS order
-    "tiny": dict(zip(SHAPE_KEYS, (256, 688, 4, 8, 4))),
-    "deep": dict(zip(SHAPE_KEYS, (256, 688, 16, 8, 4))),  # tiny's layers, 16 of them: per-layer costs add up
-    "wide": dict(zip(SHAPE_KEYS, (2048, 5632, 2, 16, 8))),
-    "llama7b": dict(zip(SHAPE_KEYS, (4096, 11008, 32, 32, 32))),
-    "llama1b": dict(zip(SHAPE_KEYS, (2048, 8192, 16, 32, 8))),  # Llama-3.2-1B-shaped
-    "llama8b": dict(zip(SHAPE_KEYS, (4096, 14336, 32, 32, 8))),  # Llama-3.1-8B-shaped
+    "tiny": dict(zip(SHAPE_KEYS, (256, 688, 4, 8, 4), strict=True)),
+    # tiny's layers, 16 of them: per-layer costs add up
+    "deep": dict(zip(SHAPE_KEYS, (256, 688, 16, 8, 4), strict=True)),
+    "wide": dict(zip(SHAPE_KEYS, (2048, 5632, 2, 16, 8), strict=True)),
+    "llama7b": dict(zip(SHAPE_KEYS, (4096, 11008, 32, 32, 32), strict=True)),
+    "llama1b": dict(zip(SHAPE_KEYS, (2048, 8192, 16, 32, 8), strict=True)),  # Llama-3.2-1B-shaped
+    "llama8b": dict(zip(SHAPE_KEYS, (4096, 14336, 32, 32, 8), strict=True)),  # Llama-3.1-8B-shaped
 }
 
 

@@ -1,8 +1,9 @@
 """``buzz-lm-eval demo``: watch a BUZZ cache evict during a real ``generate()``, offline.
 
 Runs the shipped stories260K model (a real Llama trained on TinyStories, 292,800 parameters as
-shipped, see ``assets/SOURCES.md``: it writes simple children's-story English) on one prompt, with the full cache and with each
-policy at the same budget, and prints the continuation and the cache statistics.
+shipped, see ``assets/SOURCES.md``: it writes simple children's-story English) on one prompt, with
+the full cache and with each policy at the same budget, and prints the continuation and the cache
+statistics.
 """
 
 from __future__ import annotations

@@ -31,6 +31,15 @@ CONFIGS = {
 }
 
 
+# what every summary of cache statistics holds: ``EvictingCache.stats()`` and buzz_hf's per run
+CACHE_STATS = (
+    "kept_tokens_peak",
+    "kept_tokens_mean",
+    "kv_bytes_peak",
+    "kv_bytes_mean",
+    "compression_ratio",
+    "evict_seconds",
+)
 DEVICE = torch.device("cpu")  # set from ``--device`` in pytest_configure
 
 

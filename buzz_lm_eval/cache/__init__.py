@@ -7,9 +7,10 @@
 Each ``EvictingLayer`` is a ``DynamicLayer`` that also remembers, for every stored slot, the
 position its key is rotated at (``-1`` for padding). An evicting policy's keys and values live in
 preallocated buffers whose slots are reused (``slots.py``): eviction moves at most the tokens it
-must, never the whole cache, and ``layer.kept()`` gives the kept tokens in their original order. The layer reports tokens *seen* as its
-sequence length, so new positions continue correctly, and once it has evicted it builds the
-attention visibility from the stored positions itself. With ``positions="shifted"`` (default)
+must, never the whole cache, and ``layer.kept()`` gives the kept tokens in their original order.
+The layer reports tokens *seen* as its sequence length, so new positions continue correctly, and
+once it has evicted it builds the attention visibility from the stored positions itself
+(``visibility.py``). With ``positions="shifted"`` (default)
 kept keys are re-rotated after each eviction as if the kept tokens were contiguous (see
 ``positions.py``); with ``"original"`` they keep their original rotation. Decode steps that drop
 one token in every layer drop for all layers at once after the last layer's attention

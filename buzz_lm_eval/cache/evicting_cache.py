@@ -46,7 +46,7 @@ class EvictingCache(Cache):
         super().__init__(
             layers=[
                 EvictingLayer(policy.for_layer(i, n), window, sync_timing, rotation, Schedule(evict, prompt_length))
-                for i, (window, rotation) in enumerate(zip(sliding_windows, rotations))
+                for i, (window, rotation) in enumerate(zip(sliding_windows, rotations, strict=True))
             ]
         )
         self.policy, self.evict = policy, evict
@@ -98,7 +98,7 @@ class EvictingCache(Cache):
             "kept_tokens_peak": max(layer.stats.peak_tokens for layer in layers),
             "kept_tokens_mean": sum(mean_tokens) / len(layers),
             "kv_bytes_peak": peak_bytes,
-            "kv_bytes_mean": sum(t * layer.stats.bytes_per_token for t, layer in zip(mean_tokens, layers)),
+            "kv_bytes_mean": sum(t * layer.stats.bytes_per_token for t, layer in zip(mean_tokens, layers, strict=True)),
             "kv_bytes_allocated_peak": sum(layer.stats.allocated_bytes_peak for layer in layers),
             "compression_ratio": full_bytes / peak_bytes if peak_bytes else 1.0,
             "evict_seconds": sum(layer.stats.evict_seconds for layer in layers),

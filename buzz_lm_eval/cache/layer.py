@@ -86,7 +86,7 @@ class EvictingLayer(DynamicLayer):
         if self.order is not None:
             self.order = torch.cat([self.order, self._span(before, new, self.order)], dim=-1)
         if self.policy.signal == "key_norm":  # a key's norm is its own: measured once, before any re-rotation
-            norms = key_norms(key_states)
+            norms = torch.linalg.vector_norm(key_states, dim=-1, dtype=torch.float32)  # [B, H, new]
             self.key_norms = norms if self.key_norms is None else torch.cat([self.key_norms, norms], dim=-1)
         self.seen += new
         self.stats.peak_tokens = max(self.stats.peak_tokens, keys.shape[-2])
@@ -124,13 +124,8 @@ class EvictingLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if query_length == 0:
-            cause = (
-                "the prompt is empty"
-                if self.seen == 0
-                else (
-                    f"this cache has already seen {self.seen} tokens, at least as many as the new prompt; {ONE_CACHE}"
-                )
-            )
+            again = f"this cache has already seen {self.seen} tokens, at least as many as the new prompt; {ONE_CACHE}"
+            cause = again if self.seen else "the prompt is empty"
             raise ValueError(f"EvictingCache: a forward with no new tokens: {cause}")
         stored = self.stored()
         return stored + query_length, self.seen - stored
@@ -397,8 +392,3 @@ class EvictingLayer(DynamicLayer):
             if not self.policy.accumulates:
                 self.pending = scores  # the last prompt forward's scores, for ``compress_pending``
         self.stats.count_forward(self.stored())
-
-
-def key_norms(keys: torch.Tensor) -> torch.Tensor:
-    """[B, H, L] float32 L2 norms of the stored keys (the ``key_norm`` signal)."""
-    return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)

@@ -90,7 +90,7 @@ class LayerGroup:
         move, the keys are held twice, then the values, each layer's old buffer freed as it moves."""
         if len(self._slices) == len(layers) and all(
             layer.store._keys is keys and layer.store._values is values
-            for layer, (keys, values) in zip(layers, self._slices)
+            for layer, (keys, values) in zip(layers, self._slices, strict=True)
         ):
             return
         self._buffers, self._slices, self._batched = None, [], None  # an old shared buffer goes first

@@ -153,4 +153,4 @@ def rows_with(mask: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Ten
 
 def broadcast_over_heads(keep: torch.Tensor) -> bool:
     """Whether ``keep`` [B, H, K] is one list broadcast to every row and head (a policy's shared pick)."""
-    return all(size == 1 or stride == 0 for size, stride in zip(keep.shape[:2], keep.stride()[:2]))
+    return all(size == 1 or stride == 0 for size, stride in zip(keep.shape[:2], keep.stride()[:2], strict=True))

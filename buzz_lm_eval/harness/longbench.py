@@ -124,7 +124,7 @@ def read_records(path: Path) -> list[dict]:
     lineno = 0
     try:
         with open(path, encoding="utf-8") as lines:
-            for lineno, line in enumerate(lines, 1):
+            for lineno, line in enumerate(lines, 1):  # noqa: B007 (the error message below names it)
                 if line.strip():
                     sample = json.loads(line)
                     if not isinstance(sample, dict):

@@ -55,9 +55,8 @@ def policy_keys(name: str) -> tuple[str, ...]:
 
 def policy_class(name: str) -> type[Policy]:
     if name not in POLICIES:
-        raise ValueError(
-            f"unknown cache policy {name!r}{did_you_mean(name, POLICY_NAMES)}; valid policies: {', '.join(POLICY_NAMES)}"
-        )
+        hint = did_you_mean(name, POLICY_NAMES)
+        raise ValueError(f"unknown cache policy {name!r}{hint}; valid policies: {', '.join(POLICY_NAMES)}")
     return POLICIES[name]
 
 

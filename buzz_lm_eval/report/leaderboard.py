@@ -255,7 +255,7 @@ def add_relative_quality(rows: list[dict[str, Any]]) -> None:
             row["notes"].append(
                 "no comparable full-cache run: " + "; ".join(why) if why else "no full-cache run of this model and task"
             )
-            for candidate, text in zip(candidates, why):
+            for candidate, text in zip(candidates, why, strict=True):
                 mismatches.setdefault(
                     (row["comparison"], candidate["source"]),
                     f"{row['task']} ({row['model']}, e.g. {row['source']}): no relative "

@@ -1,9 +1,10 @@
 """PNG plots for ``buzz-lm-eval leaderboard`` (needs the optional ``plots`` extra: matplotlib).
 
-Per model, task, metric and comparison (same settings; see the leaderboard): (a) the metric against the KV budget, one line per policy, with the
-full cache as a dashed horizontal line; (b) relative quality against the measured compression
-ratio, one marker per policy. Figures are drawn with the Agg canvas and returned as PNG bytes;
-``render_plots`` raises ImportError when matplotlib is missing; ``write_plots`` says so instead.
+Per model, task, metric and comparison (same settings; see the leaderboard): (a) the metric
+against the KV budget, one line per policy, with the full cache as a dashed horizontal line; (b)
+relative quality against the measured compression ratio, one marker per policy. Figures are drawn
+with the Agg canvas and returned as PNG bytes; ``render_plots`` raises ImportError when matplotlib
+is missing; ``write_plots`` says so instead.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def plot_vs_compression(rows: list[Row]) -> bytes | None:
     for policy, points in points_by_policy.items():
         xs, ys = [p["compression_ratio"] for p in points], [p["relative_quality"] for p in points]
         axes.scatter(xs, ys, marker=marker(policy), s=50, label=policy)
-        for x, y, point in zip(xs, ys, points):
+        for x, y, point in zip(xs, ys, points, strict=True):
             axes.annotate(str(point["budget"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.axhline(1.0, linestyle="--", color="black", label="full cache")
     axes.set_xscale("log", base=2)
@@ -155,7 +156,7 @@ def render_plots(rows: list[Row]) -> dict[str, bytes]:
     ordered = sorted(rows, key=itemgetter(*PLOT_KEY))
     groups = [list(group) for _, group in itertools.groupby(ordered, itemgetter(*PLOT_KEY))]
     stems = [file_stem(group[0]) for group in groups]
-    for group_rows, stem in zip(groups, stems):
+    for group_rows, stem in zip(groups, stems, strict=True):
         if stems.count(stem) > 1:  # the same model and task under other settings: name the comparison
             stem = f"{stem}__{group_rows[0]['comparison']}"
         for kind, draw in (("vs_budget", plot_vs_budget), ("vs_compression", plot_vs_compression)):

@@ -3,7 +3,8 @@
 The settings compared are the model args (model, dtype, cache name, budget, chunks ...), every
 setting the cache records in ``config.buzz_cache`` (so a changed default is noticed), the tasks,
 ``--limit``, ``--gen_kwargs``, ``--apply_chat_template``, ``--metadata``, ``--system_instruction``,
-``--num_fewshot``, and samples when ``--log_samples`` asks for them. They are read from what lm-eval stores, plus the requested tasks from the sweep block.
+``--num_fewshot``, and samples when ``--log_samples`` asks for them. They are read from what
+lm-eval stores, plus the requested tasks from the sweep block.
 """
 
 from __future__ import annotations

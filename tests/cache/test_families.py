@@ -108,7 +108,7 @@ def test_gemma2_softcapped_scores_and_outputs_match_eager_attention():
     logits = model(input_ids=ids, past_key_values=cache).logits
     eager, attentions = eager_logits_and_probs(model, ids)
     assert torch.allclose(logits, eager, atol=1e-5)
-    for layer, probs in zip(cache.layers, attentions):
+    for layer, probs in zip(cache.layers, attentions, strict=True):
         expected = probs.sum(dim=2).view(1, 2, 2, 19).sum(dim=2)  # query heads i//2 -> KV head
         assert torch.allclose(layer.state.scores, expected, atol=1e-5)
     # the cap matters for these weights: without it, the scores differ

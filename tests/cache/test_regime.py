@@ -47,7 +47,7 @@ def test_after_prefill_compresses_once_then_grows_by_one_per_token(policy):
             assert [layer.stored() for layer in cache.layers] == [cache.get_seq_length()] * 2
     after = [layer.stored() for layer in cache.layers]
     bounds = cache.policy.layer_budgets(2) if policy == "pyramidkv" else [budget] * 2  # each layer's own
-    assert all(size <= bound - 1 for size, bound in zip(after, bounds)), after
+    assert all(size <= bound - 1 for size, bound in zip(after, bounds, strict=True)), after
     for step, token in enumerate(ids[0, 40:], start=1):
         model(input_ids=token.view(1, 1), past_key_values=cache)
         assert [layer.stored() for layer in cache.layers] == [size + step for size in after]
@@ -66,7 +66,7 @@ def test_after_prefill_accumulates_scores_over_prefill_chunks():
         model(input_ids=part, past_key_values=chunked)
     for cache in (whole, chunked):  # without a prompt length, the first one-token forward ends the prompt
         model(input_ids=ids[:, 48:49], past_key_values=cache)
-    for a, b in zip(whole.layers, chunked.layers):
+    for a, b in zip(whole.layers, chunked.layers, strict=True):
         assert torch.equal(a.kept()[2], b.kept()[2])
         assert torch.allclose(a.state.scores, b.state.scores, atol=1e-5)
 
@@ -90,7 +90,7 @@ def test_knorm_keeps_the_lowest_key_norms_of_the_prompt():
     cache = build_cache(model, "knorm", capacity=10, positions="original")
     model(input_ids=ids[:, :30], past_key_values=cache)
     model(input_ids=ids[:, 30:], past_key_values=cache)  # the first one-token forward: the prompt is compressed
-    for full, layer in zip(reference.layers, cache.layers):
+    for full, layer in zip(reference.layers, cache.layers, strict=True):
         norms = full.keys.float().norm(dim=-1)[0]  # [H_kv, 30]
         expected = norms.argsort(dim=-1, stable=True)[:, :10].sort(dim=-1).values
         kept = layer.kept()[2][0]
@@ -112,9 +112,10 @@ def test_query_window_scores_are_the_last_queries_attention():
     ids = random_batch([19])["input_ids"]
     policy = RecordingSnapKV(heavy=100, observation=4)
     policy.seen = []
-    model(input_ids=ids, past_key_values=build_cache(model, policy))
+    # after_prefill (snapkv's own regime) steps once this prompt is in, each layer on its attention
+    model(input_ids=ids, past_key_values=build_cache(model, policy, prompt_length=ids.shape[1]))
     _, attentions = eager_logits_and_probs(model, ids)
-    for captured, probs in zip(policy.seen, attentions):
+    for captured, probs in zip(policy.seen, attentions, strict=True):  # one step per layer
         expected = probs[:, :, -4:].sum(dim=2).view(1, 2, 2, 19).sum(dim=2)  # last 4 queries, heads i//2 -> KV
         assert torch.allclose(captured[:, :, 0], expected, atol=1e-5)
 
@@ -168,7 +169,7 @@ def test_after_prefill_compresses_a_chunked_prompt_with_or_without_its_length(po
             layer.stats.compressed_tokens + 5 for layer in cache.layers
         ]
     assert torch.equal(outputs[0], outputs[1])
-    assert all(torch.equal(a, b) for a, b in zip(*kept))
+    assert all(torch.equal(a, b) for a, b in zip(*kept, strict=True))
 
 
 @pytest.mark.parametrize("prompt_length, message", [(150, "ended before it"), (50, "past it")])

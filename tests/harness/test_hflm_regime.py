@@ -32,7 +32,7 @@ def test_after_prefill_scores_the_continuation_on_the_compressed_context():
     assert lm.evict == "after_prefill"  # snapkv's published regime
     pairs = [(STORY, " She was happy."), ("Tom had a dog.", " The dog ran fast."), (STORY[:120], " Lily smiled.")]
     got = lm.loglikelihood(requests("loglikelihood", *pairs))
-    for (context, continuation), (logprob, _) in zip(pairs, got):
+    for (context, continuation), (logprob, _) in zip(pairs, got, strict=True):
         expected = by_hand(lm, context, continuation, 8, policy="snapkv", budget=24, evict="after_prefill")
         assert logprob == pytest.approx(expected, abs=1e-4)
     full = buzz(cache="full").loglikelihood(requests("loglikelihood", *pairs))

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ..conftest import lm_eval_cli
+from ..conftest import CACHE_STATS, lm_eval_cli
 from .test_tasks import METRICS
 
-STATS = (
-    "kept_tokens_peak",
-    "kept_tokens_mean",
-    "kv_bytes_peak",
-    "kv_bytes_mean",
-    "compression_ratio",
-    "evict_seconds",
-    "tokens_per_second",
-)
+STATS = (*CACHE_STATS, "tokens_per_second")
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def test_buzz_picks_per_head_and_stays_below_threshold_when_quiet():
 def test_buzz_fast_uses_only_the_current_forward():
     accumulated, fast = (build_policy(n, sink=0, window=1, threshold=1, stride=2) for n in ("buzz", "buzz_fast"))
     states = accumulated.new_state(), fast.new_state()
-    for policy, state in zip((accumulated, fast), states):
+    for policy, state in zip((accumulated, fast), states, strict=True):
         assert policy.step(state, attn_of([5, 0])) is None
     a = accumulated.step(states[0], attn_of([0, 1, 0]))
     f = fast.step(states[1], attn_of([0, 1, 0]))
@@ -149,7 +149,7 @@ def test_buzz_matches_reference_over_many_steps(name, seed):
     for step in range(60):
         new = int(torch.randint(1, 6, (1,), generator=gen)) if step % 7 == 0 else 1
         current = (torch.rand(len(scores) + new, generator=gen) * 4).round() / 4  # frequent ties
-        scores = [a + b for a, b in zip(scores + [0.0] * new, current.tolist())]
+        scores = [a + b for a, b in zip(scores + [0.0] * new, current.tolist(), strict=True)]
         pick = current.tolist() if name == "buzz_fast" else None
         expected, reset, n_old = reference_buzz(scores, n_old, **sizes, pick=pick)
         keep = policy.step(state, current.view(1, 1, 1, -1))

@@ -6,6 +6,8 @@ Each stream feeds batches of left-padded rows (via the mask), chunks of several 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -210,7 +212,7 @@ def test_pyramid_budgets_decrease_and_sum_to_budget_times_layers(budget, layers)
     policy = build_policy("pyramidkv", budget=budget)
     budgets = policy.layer_budgets(layers)
     assert sum(budgets) == budget * layers
-    assert all(a >= b for a, b in zip(budgets, budgets[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(budgets))
     heavy = budget - 1 - policy.observation
     if layers > 1:  # the published ends: 2h - h/beta at the bottom, h/beta at the top
         assert abs(budgets[0] - policy.observation - 1 - (2 * heavy - heavy / 20)) < 1

@@ -48,7 +48,7 @@ def test_probe_reads_held_tokens_and_resident_bytes():
     assert len(times) == 2 and fired == 0
     per_token = bench_run.kv_bytes_per_token(cache)
     assert per_token == 2 * 2 * 2 * 16 * 4  # layers x (keys, values) x KV heads x head dim x float32
-    assert [r >= n * per_token for r, n in zip(probe.resident, probe.held)] == [True] * 5
+    assert [r >= n * per_token for r, n in zip(probe.resident, probe.held, strict=True)] == [True] * 5
 
 
 class _Counted:
