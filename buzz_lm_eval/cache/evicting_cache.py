@@ -30,6 +30,7 @@ class EvictingCache(Cache):
     """
 
     _handed_to_generate = False
+    _resumable = False
 
     def __init__(
         self,
@@ -67,9 +68,14 @@ class EvictingCache(Cache):
     @_is_user_defined.setter
     def _is_user_defined(self, value: bool) -> None:
         """``generate`` sets this on every cache it is handed: a used cache is refused there."""
-        if value and self.get_seq_length() > 0:
+        if value and self.get_seq_length() > 0 and not self._resumable:
             raise ValueError(f"EvictingCache: this cache has already seen {self.get_seq_length()} tokens; {ONE_CACHE}")
-        self._handed_to_generate = value
+        self._handed_to_generate, self._resumable = value, False
+
+    def hand_over(self) -> None:
+        """Let the next ``generate`` take this cache although it holds the start of its prompt
+        (``generate`` reads only the prompt's tokens after them)."""
+        self._resumable = True
 
     def stats(self) -> dict[str, int | float | list[int]]:
         """Whole-run statistics as plain ints and floats (see README for definitions)."""

@@ -1,10 +1,8 @@
-"""Request batching helpers of ``buzz_hf``: grouped runs, temporary settings, chunk-aligned prompts."""
+"""Request batching helpers of ``buzz_hf``: grouped runs, temporary settings, end-aligned prefill chunks."""
 
 from __future__ import annotations
 
 import contextlib
-
-import torch
 
 
 @contextlib.contextmanager
@@ -33,26 +31,12 @@ def in_groups(items: list, key, run, longest_first: bool = False) -> list:
     return results
 
 
-def pad_to_chunks(
-    context: torch.Tensor, generation_kwargs: dict, chunk: int, pad_id: int
-) -> tuple[torch.Tensor, dict, int]:
-    """Left-pad the prompts ``context`` [B, T] to a multiple of ``chunk`` (``prefill_chunk``) tokens.
+def chunk_bounds(width: int, chunk: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` prefill chunks of a ``width``-token prompt that come before its last
+    ``chunk`` tokens, cut from the prompt's end (the first chunk takes the remainder).
 
-    ``generate`` cuts the prompt into chunks from its first column. Padded to a multiple of the
-    chunk, every chunk boundary lies a whole number of chunks before the prompts' common end, so
-    each row meets the same boundaries (and evictions) whatever its padding: in any batch, as
-    alone. Returns the context, the generation kwargs with the widened attention mask, and how
-    many columns were added (stripped from the output again).
+    Left-padded rows share the prompts' end, so with boundaries a whole number of chunks before the
+    end every row meets the same boundaries (and evictions) in any batch as alone.
     """
-    extra = -context.shape[1] % chunk
-    if extra == 0:
-        return context, generation_kwargs, 0
-    pad = torch.full((context.shape[0], extra), pad_id, dtype=context.dtype, device=context.device)
-    mask = generation_kwargs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(context)
-    generation_kwargs = {
-        **generation_kwargs,
-        "attention_mask": torch.cat([torch.zeros_like(pad, dtype=mask.dtype), mask], dim=1),
-    }
-    return torch.cat([pad, context], dim=1), generation_kwargs, extra
+    ends = list(range(width - chunk, 0, -chunk))[::-1]
+    return list(zip([0, *ends[:-1]], ends, strict=True)) if ends else []

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..cache import build_cache
 from ..cache.compat import cache_kwargs
-from .batching import in_groups, pad_to_chunks, temporarily
+from .batching import chunk_bounds, in_groups, temporarily
 from .model_args import SIZE_KEYS, check_args, check_stats_file, plan_cache, pop_sizes
 from .offline_models import resolve, source_of
 from .paths import DEFAULT_MODEL_DIR
@@ -310,15 +310,9 @@ class BuzzHFLM(HFLM):
         return super().tok_batch_encode(strings, *args, **kwargs)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        cache, extra = None, 0
+        cache = None
+        start = time.perf_counter()
         if self.evicting:
-            if self.prefill_chunk is not None:
-                pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-                context, generation_kwargs, extra = pad_to_chunks(
-                    context, generation_kwargs, self.prefill_chunk, pad_id
-                )
-                max_length += extra
-                generation_kwargs["prefill_chunk_size"] = self.prefill_chunk
             cache = build_cache(
                 self.model,
                 self.policy,
@@ -327,12 +321,44 @@ class BuzzHFLM(HFLM):
                 positions=self.positions,
             )
             generation_kwargs.update(cache_kwargs(self.model, cache))
-        start = time.perf_counter()
-        out = super()._model_generate(context, max_length, stop, **generation_kwargs)[:, extra:]
+            if self.prefill_chunk is not None:
+                self.prefill_head(context, generation_kwargs.get("attention_mask"), cache)
+        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         seconds = time.perf_counter() - start
         seen = out.shape[1] - 1
         self.record("generate_until", cache, out.shape[0], seen, out.numel() - out.shape[0], seconds)
         return out
+
+    def prefill_head(self, context: torch.Tensor, mask: torch.Tensor | None, cache) -> None:
+        """Feed the prompt, all but its last ``prefill_chunk`` tokens, through ``cache`` in chunks cut
+        from its end (``chunk_bounds``); ``generate`` then reads the last chunk and decodes.
+
+        ``generate(prefill_chunk_size=...)`` would cut from the first column, so a row's boundaries
+        would move with its padding. Positions are the ones ``generate`` gives: real tokens count
+        from 0 in each row.
+        """
+        bounds = chunk_bounds(context.shape[1], self.prefill_chunk)
+        if not bounds:
+            return
+        mask = torch.ones_like(context) if mask is None else mask
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        forward = cache_kwargs(self.model, cache)
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
+            for begin, end in bounds:
+                self.model(
+                    input_ids=context[:, begin:end],
+                    attention_mask=mask[:, :end],
+                    position_ids=positions[:, begin:end],
+                    **forward,
+                )
+        cache.hand_over()
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         if not self.evicting or attn_mask is not None or labels is not None:

@@ -38,6 +38,7 @@ from typing import Any
 
 from buzz_lm_eval.harness.files import write_atomic
 from buzz_lm_eval.report.heatmaps import is_cell, write_heatmaps
+from buzz_lm_eval.report.paired import write_paired
 from buzz_lm_eval.report.plots import write_plots
 from buzz_lm_eval.report.results_reader import (
     ModelId,
@@ -318,6 +319,12 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> int:
     return write_plots(shown, out_dir, write_atomic) + write_heatmaps(rows, out_dir, write_atomic)
 
 
+def write_paired_tables(rows: list[dict[str, Any]], root: Path, out_dir: Path) -> str:
+    """``paired.md``/``paired.json`` beside the leaderboard; a phrase for the summary line."""
+    count = write_paired(rows, root, out_dir)
+    return f", paired.md ({count} paired comparisons)" if count else ""
+
+
 def main(argv: list[str]) -> int:
     """Build the leaderboard; 0 when rows were written and no results file was skipped, else 1."""
     args = parse_args(argv)
@@ -335,13 +342,14 @@ def main(argv: list[str]) -> int:
     out_dir = args.output or args.results_dir
     try:
         n_plots = write_outputs(rows, out_dir)
+        paired = write_paired_tables(rows, args.results_dir, out_dir)
     except OSError as exc:
         warn(f"could not write the leaderboard: {exc}")
         return 1
     print(
         printable(
             f"leaderboard: {len(rows)} rows from {len(scan.runs)} results files, "
-            f"{len(scan.skipped)} skipped -> {out_dir}/leaderboard.json, leaderboard.md, {n_plots} plots"
+            f"{len(scan.skipped)} skipped -> {out_dir}/leaderboard.json, leaderboard.md, {n_plots} plots{paired}"
         )
     )
     if scan.skipped:

@@ -63,7 +63,9 @@ def markdown_row(row: Row, cache_keys: list[str], shared: list[str]) -> str:
         fmt(row["relative_quality"], ".3f"),
         fmt(row["compression_ratio"], ".2f", "×"),
         fmt_bytes(row["kv_bytes_peak"]),
+        fmt_bytes(row["kv_bytes_mean"]),
         fmt(row["kept_tokens_peak"], ".0f"),
+        fmt(row["kept_tokens_mean"], ".0f"),
         fmt(row["tokens_per_second"], ".1f"),
         fmt(row["n_samples"], "d"),
         "; ".join(note for note in row["notes"] if note not in shared),
@@ -101,12 +103,14 @@ def markdown_section(rows: list[Row]) -> str:
         "rel. quality",
         "compression",
         "KV peak",
+        "KV mean",
         "kept peak",
+        "kept mean",
         "tok/s",
         "n",
         "notes",
     ]
-    aligns = ["---", "---", "---:", *(["---"] if cache_keys else []), *["---:"] * 8, "---"]
+    aligns = ["---", "---", "---:", *(["---"] if cache_keys else []), *["---:"] * 10, "---"]
     lines = [
         f"### {first['task']} · {first['metric']} (filter {first['filter']}{direction})",
         "",

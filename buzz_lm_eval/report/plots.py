@@ -2,13 +2,15 @@
 
 Per model, task, metric and comparison (same settings; see the leaderboard): (a) the metric
 against the KV budget, one line per policy, with the full cache as a dashed horizontal line; (b)
-relative quality against the measured compression ratio, one marker per policy. Figures are drawn
+relative quality against the measured compression ratio, one marker per policy; (c), (d) the
+metric against the KV bytes held per sequence, at peak and on average. Figures are drawn
 with the Agg canvas and returned as PNG bytes; ``render_plots`` raises ImportError when matplotlib
 is missing; ``write_plots`` says so instead.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import re
@@ -148,6 +150,34 @@ def plot_vs_compression(rows: list[Row]) -> bytes | None:
     )
 
 
+KV_BYTES = {"kv_bytes_peak": "peak", "kv_bytes_mean": "mean"}
+
+
+def plot_vs_kv_bytes(rows: list[Row], field: str) -> bytes | None:
+    """Metric against the KV bytes held per sequence (``field``: peak or mean), a line per policy;
+    the full cache is a dashed line at its value and a star at its own bytes. None if nothing to plot."""
+    lines = series(rows, field)
+    if not lines:
+        return None
+    axes = new_axes()
+    mib = 1 / 2**20
+    for policy, points in lines.items():
+        points = sorted(points, key=lambda p: p[field])
+        xs, ys = [p[field] * mib for p in points], [p["value"] for p in points]
+        axes.errorbar(xs, ys, yerr=[p["stderr"] or 0.0 for p in points], marker=marker(policy), capsize=3, label=policy)
+    for full in (row for row in rows if row["policy"] == "full" and row["value"] is not None):
+        axes.axhline(full["value"], linestyle="--", color="black", label="full cache")
+        if full.get(field):
+            axes.plot([full[field] * mib], [full["value"]], marker="*", markersize=12, color="black")
+    first = rows[0]
+    return finish(
+        axes,
+        f"{first['task']}: {first['metric']} vs {KV_BYTES[field]} KV memory — {first['model']}",
+        f"{KV_BYTES[field]} KV cache per sequence (MiB, keys + values, all layers)",
+        f"{first['metric']} ({direction(first)})",
+    )
+
+
 def render_plots(rows: list[Row]) -> dict[str, bytes]:
     """PNG file name -> bytes for every model/task/metric group of the leaderboard rows."""
     import matplotlib  # noqa: F401  (fail early and clearly when the extra is missing)
@@ -159,7 +189,9 @@ def render_plots(rows: list[Row]) -> dict[str, bytes]:
     for group_rows, stem in zip(groups, stems, strict=True):
         if stems.count(stem) > 1:  # the same model and task under other settings: name the comparison
             stem = f"{stem}__{group_rows[0]['comparison']}"
-        for kind, draw in (("vs_budget", plot_vs_budget), ("vs_compression", plot_vs_compression)):
+        drawings = {"vs_budget": plot_vs_budget, "vs_compression": plot_vs_compression}
+        drawings |= {f"vs_{field}": functools.partial(plot_vs_kv_bytes, field=field) for field in KV_BYTES}
+        for kind, draw in drawings.items():
             png = draw(group_rows)
             if png is not None:
                 images[f"{stem}__{kind}.png"] = png

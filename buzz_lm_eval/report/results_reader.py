@@ -20,7 +20,14 @@ from typing import Any
 from buzz_lm_eval.harness.run_stats import STAT_KEYS, combine
 
 HF_MODELS = frozenset({"hf", "hf-auto", "huggingface"})
-STAT_FIELDS = ("compression_ratio", "kv_bytes_peak", "kept_tokens_peak", "tokens_per_second")
+STAT_FIELDS = (
+    "compression_ratio",
+    "kv_bytes_peak",
+    "kv_bytes_mean",
+    "kept_tokens_peak",
+    "kept_tokens_mean",
+    "tokens_per_second",
+)
 RESULTS_HEAD = re.compile(rb'^\s*\{\s*"results"\s*:')
 OWN_OUTPUTS = frozenset({"leaderboard.json"})
 

@@ -186,7 +186,9 @@ def test_row_schema_and_values(sweep: Path, tmp_path: Path) -> None:
         "full_source": "full/__models__tiny-llama/results_2025-01-01T00-00-00.json",
         "compression_ratio": 64.0,
         "kv_bytes_peak": 65536,
+        "kv_bytes_mean": 57600,
         "kept_tokens_peak": 64,
+        "kept_tokens_mean": pytest.approx(57.6),
         "tokens_per_second": 1000.0,
         "stats_scope": "run",
         "n_samples": 50,
@@ -240,11 +242,15 @@ def test_markdown_table(sweep: Path) -> None:
     assert "### arc · acc (filter none, higher is better)" in text
     assert "### wiki · word_perplexity (filter none, lower is better)" in text
     note = "  |"
-    full = "| tiny-llama | full | full | 0.8000 | 0.0080 | 1.000 | 1.00× | 4.0 MiB | 4096 | 1000.0 | 50 |" + note
-    buzz64 = "| tiny-llama | buzz | 64 | 0.6000 | 0.0060 | 0.750 | 64.00× | 64.0 KiB | 64 | 1000.0 | 50 |" + note
-    local128 = (
-        "| tiny-llama | local | 128 | 0.6400 | 0.0064 | 0.800 | 32.00× | 128.0 KiB | 128 | 1000.0 | 50 |"
-    ) + note
+    full = (
+        "| tiny-llama | full | full | 0.8000 | 0.0080 | 1.000 | 1.00× | 4.0 MiB | 3.5 MiB | 4096 | 3686 | 1000.0 | 50 |"
+    )
+    buzz64 = (
+        "| tiny-llama | buzz | 64 | 0.6000 | 0.0060 | 0.750 | 64.00× | 64.0 KiB | 56.2 KiB | 64 | 58 | 1000.0 | 50 |"
+    )
+    local128 = "| tiny-llama | local | 128 | 0.6400 | 0.0064 | 0.800 | 32.00× | 128.0 KiB | 112.5 KiB | 128 | 115 | "
+    local128 += "1000.0 | 50 |"
+    full, buzz64, local128 = full + note, buzz64 + note, local128 + note
     assert "tiny-llama (`/models/tiny-llama`, revision main) · dtype torch.float32 · task_version 1.0" in text
     assert "Every row: statistics are the whole run's (the file has no per-task statistics)." in text
     assert full in text
@@ -256,10 +262,9 @@ def test_plots_are_valid_pngs(sweep: Path, tmp_path: Path) -> None:
     assert leaderboard.main([str(sweep), "--output", str(out)]) == 0
     pngs = sorted(path.name for path in out.glob("*.png"))
     assert pngs == [
-        "arc__acc__tiny-llama__vs_budget.png",
-        "arc__acc__tiny-llama__vs_compression.png",
-        "wiki__word_perplexity__tiny-llama__vs_budget.png",
-        "wiki__word_perplexity__tiny-llama__vs_compression.png",
+        f"{stem}__vs_{kind}.png"
+        for stem in ("arc__acc__tiny-llama", "wiki__word_perplexity__tiny-llama")
+        for kind in ("budget", "compression", "kv_bytes_mean", "kv_bytes_peak")
     ]
     for name in pngs:
         data = (out / name).read_bytes()

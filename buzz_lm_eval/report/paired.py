@@ -1,0 +1,139 @@
+"""Paired comparisons with the full cache, document by document: ``paired.md`` and ``paired.json``.
+
+With 15 or 50 documents a task's mean moves by noise alone; comparing each policy with the full
+cache on the *same* documents removes the documents' own spread. For every leaderboard row that
+has a comparable full-cache run (``full_source``) and both runs' lm-eval samples files
+(``--log_samples``), the documents are paired by ``doc_id`` (and must agree on ``doc_hash``), and
+the row gets: ``n``, the mean per-document difference (policy - full) with its standard error, wins,
+losses and ties, and the two-sided exact sign-test p-value over the documents that differ. Metrics
+whose per-document value is not one number (perplexities aggregate pairs) are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from buzz_lm_eval.harness.files import write_atomic
+
+# what a paired row keeps of its leaderboard row
+KEPT_FIELDS = (
+    "model",
+    "task",
+    "metric",
+    "policy",
+    "budget",
+    "comparison",
+    "source",
+    "full_source",
+    "kv_bytes_peak",
+    "kv_bytes_mean",
+)
+HEADER = ["| policy | budget | evict | n | difference | W/L/T | sign-test p |", "|---|---:|---|---:|---:|---|---:|"]
+
+NOTE = (
+    "difference = policy - full on the same documents (mean +- standard error of the per-document "
+    "differences); W/L/T = documents where the policy scored higher / lower / the same; p = two-sided "
+    "exact sign test over the documents that differ"
+)
+
+
+def samples_path(root: Path, source: str, task: str) -> Path | None:
+    """The samples file lm-eval wrote beside ``results_<date>.json`` for ``task`` (same date id)."""
+    results = root / source
+    date_id = results.stem.split("_", 1)[-1]
+    path = results.with_name(f"samples_{task}_{date_id}.jsonl")
+    return path if path.is_file() else None
+
+
+def per_document(path: Path, metric: str) -> dict[int, tuple[str, float]]:
+    """``doc_id -> (doc_hash, value)`` for documents whose ``metric`` is one finite number."""
+    values = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        sample = json.loads(line)
+        value = sample.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            values[sample["doc_id"]] = (sample.get("doc_hash"), float(value))
+    return values
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value of ``wins`` against ``losses`` at even odds."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare(policy: dict[int, tuple[str, float]], full: dict[int, tuple[str, float]]) -> dict[str, Any] | None:
+    """The paired statistics over documents present in both with the same hash (None: none)."""
+    diffs = [policy[d][1] - full[d][1] for d in sorted(policy.keys() & full.keys()) if policy[d][0] == full[d][0]]
+    if not diffs:
+        return None
+    n = len(diffs)
+    mean = sum(diffs) / n
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) if n > 1 else None
+    wins, losses = sum(x > 0 for x in diffs), sum(x < 0 for x in diffs)
+    return {
+        "n": n,
+        "mean_difference": mean,
+        "stderr": stderr,
+        "wins": wins,
+        "losses": losses,
+        "ties": n - wins - losses,
+        "sign_test_p": sign_test(wins, losses),
+    }
+
+
+def paired_rows(rows: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """One paired comparison per leaderboard row with a full-cache reference and samples on both sides."""
+    cache: dict[tuple[str, str, str], dict[int, tuple[str, float]] | None] = {}
+
+    def load(source: str, task: str, metric: str):
+        key = (source, task, metric)
+        if key not in cache:
+            path = samples_path(root, source, task)
+            cache[key] = None if path is None else per_document(path, metric)
+        return cache[key]
+
+    paired = []
+    for row in rows:
+        if row["policy"] == "full" or not row.get("full_source") or row["value"] is None:
+            continue
+        mine = load(row["source"], row["task"], row["metric"])
+        full = load(row["full_source"], row["task"], row["metric"])
+        stats = compare(mine, full) if mine and full else None
+        if stats is not None:
+            paired.append({key: row[key] for key in KEPT_FIELDS} | {"evict": row["cache"].get("evict"), **stats})
+    return paired
+
+
+def render(paired: list[dict[str, Any]]) -> str:
+    """One Markdown table per (model, task, metric, comparison)."""
+    lines = ["# Paired comparisons with the full cache", "", NOTE, ""]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in paired:
+        groups.setdefault((row["model"], row["task"], row["metric"], row["comparison"]), []).append(row)
+    for (model, task, metric, comparison), members in groups.items():
+        lines += [f"## {task}, {metric} ({model}, comparison {comparison})", "", *HEADER]
+        for row in members:
+            stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
+            lines.append(
+                f"| {row['policy']} | {row['budget']} | {row['evict']} | {row['n']} | "
+                f"{row['mean_difference']:+.4f}{stderr} | {row['wins']}/{row['losses']}/{row['ties']} | "
+                f"{row['sign_test_p']:.3g} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_paired(rows: list[dict[str, Any]], root: Path, out_dir: Path) -> int:
+    """Write ``paired.json`` and ``paired.md`` when any comparison could be paired; their count."""
+    paired = paired_rows(rows, root)
+    if paired:
+        write_atomic(out_dir / "paired.json", json.dumps({"note": NOTE, "rows": paired}, indent=2) + "\n")
+        write_atomic(out_dir / "paired.md", render(paired))
+    return len(paired)

@@ -1,0 +1,58 @@
+"""Paired comparisons with the full cache (``paired.md``/``paired.json`` beside the leaderboard)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from buzz_lm_eval.report import leaderboard
+from buzz_lm_eval.report.paired import compare, sign_test
+
+from .test_leaderboard import buzz_cache, results_json
+
+DATE = "2025-01-01T00-00-00"
+
+
+def write_run(root: Path, name: str, policy: str, budget: int | None, scores: list[float]) -> None:
+    """A results file whose task ``qa`` scored ``scores`` (per document), with its samples file."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    mean = sum(scores) / len(scores)
+    data = results_json({"qa": {"acc": mean}}, cache=buzz_cache(policy, budget))
+    (folder / f"results_{DATE}.json").write_text(json.dumps(data), encoding="utf-8")
+    lines = [json.dumps({"doc_id": i, "doc_hash": f"h{i}", "acc": s}) for i, s in enumerate(scores)]
+    (folder / f"samples_qa_{DATE}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_sign_test_is_the_exact_two_sided_binomial():
+    assert sign_test(0, 6) == pytest.approx(2 / 64)
+    assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+
+
+def test_compare_pairs_documents_with_the_same_hash_only():
+    stats = compare({0: ("a", 1.0), 1: ("b", 0.0), 2: ("c", 0.5)}, {0: ("a", 0.0), 1: ("b", 1.0), 2: ("x", 0.5)})
+    assert (stats["n"], stats["wins"], stats["losses"], stats["ties"]) == (2, 1, 1, 0)
+    assert stats["mean_difference"] == 0.0 and stats["stderr"] == pytest.approx(1.0)
+
+
+def test_the_leaderboard_writes_paired_comparisons(tmp_path, capsys):
+    root = tmp_path / "runs"
+    full = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1]
+    write_run(root, "full", "full", None, full)
+    write_run(root, "buzz_b64", "buzz", 64, [0, 0, 0, 1, 0, 0, 1, 0, 1, 1])  # loses 3 documents, wins none
+    assert leaderboard.main([str(root)]) == 0
+    assert "paired.md (1 paired comparisons)" in capsys.readouterr().out
+    [row] = json.loads((root / "paired.json").read_text())["rows"]
+    assert (row["policy"], row["budget"], row["n"], row["wins"], row["losses"], row["ties"]) == (
+        "buzz",
+        64,
+        10,
+        0,
+        3,
+        7,
+    )
+    assert row["mean_difference"] == pytest.approx(-0.3) and row["sign_test_p"] == pytest.approx(0.25)
+    assert "| buzz | 64 | None | 10 | -0.3000 ± 0.1528 | 0/3/7 | 0.25 |" in (root / "paired.md").read_text()
