@@ -171,7 +171,9 @@ def load_config(pretrained: str, kwargs: dict):
 
 
 def check_buzz_model_args(argv: list[str]) -> None:
-    """With ``--model buzz_hf``, run buzz_hf's checks on ``--model_args`` (parsed as lm-eval parses them)."""
+    """With ``--model buzz_hf``, run buzz_hf's checks on ``--model_args`` (parsed as lm-eval parses
+    them), refuse keys that lm-eval's own flags also set, and check that ``--output_path`` can be
+    written: all before lm-eval indexes its tasks or loads a weight."""
     try:
         from lm_eval._cli.utils import MergeDictAction
     except ImportError:  # another lm-eval layout: buzz_hf still checks everything when it is built
@@ -179,8 +181,25 @@ def check_buzz_model_args(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--model", "-M")
     parser.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction)
+    parser.add_argument("--output_path", "-o")
+    parser.add_argument("--device")
     known, _ = parser.parse_known_args(argv)
-    if known.model == "buzz_hf":
-        from .hflm import check_parsed_model_args
+    if known.output_path:
+        from .files import check_writable_folder
 
-        check_parsed_model_args(known.model_args or {})
+        check_writable_folder(known.output_path, "--output_path")
+    if known.model != "buzz_hf":
+        return
+    model_args = known.model_args or {}
+    # lm-eval always passes --batch_size (default 1), and --device when given, next to --model_args
+    flagged = ["batch_size"] if "batch_size" in model_args else []
+    flagged += ["device"] if "device" in model_args and known.device else []
+    if flagged:
+        flags = ", ".join(f"{key} (use --{key} {model_args[key]})" for key in flagged)
+        raise ValueError(
+            f"buzz_hf: {flags}: lm-eval's command line sets these from its own flags, so give "
+            "them as flags, not in --model_args"
+        )
+    from .hflm import check_parsed_model_args
+
+    check_parsed_model_args(model_args)

@@ -278,3 +278,23 @@ def test_two_tasks_with_their_own_statistics_and_samples(tmp_path, capsys):
 
     code, _, err = run_sweep(capsys, args)  # resumes: same settings, samples there
     assert code == 0 and "buzz_b32: skipped" in err
+
+
+def test_other_metadata_prompts_or_few_shot_are_never_reused(copied, capsys, monkeypatch):
+    """Every setting that changes what a run computes decides resume, not only the cache."""
+    monkeypatch.setattr(sweep, "load_model", no_model)
+    for extra, named in (
+        (["--metadata", '{"max_seq_lengths": [480]}'], 'metadata (null there, {"max_seq_lengths": [480]} now)'),
+        (["--system_instruction", "Be brief."], 'system_instruction (null there, "Be brief." now)'),
+        (["--num_fewshot", "2"], "num_fewshot (null there, 2 now)"),
+    ):
+        code, _, err = run_sweep(capsys, [*argv(copied), *extra])
+        assert code == 2 and err.count(named) == len(GRID), err
+
+
+def test_an_output_that_cannot_be_written_stops_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "load_model", no_model)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_sweep(capsys, argv(blocker / "out"))
+    assert code == 2 and "--output=" in err and "is a file, not a folder" in err
