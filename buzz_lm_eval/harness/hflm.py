@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -343,14 +344,7 @@ class BuzzHFLM(HFLM):
         mask = torch.ones_like(context) if mask is None else mask
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         forward = cache_kwargs(self.model, cache)
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
-        ):
+        with self.inference():
             for begin, end in bounds:
                 self.model(
                     input_ids=context[:, begin:end],
@@ -359,6 +353,19 @@ class BuzzHFLM(HFLM):
                     **forward,
                 )
         cache.hand_over()
+
+    def inference(self) -> contextlib.ExitStack:
+        """No gradients, and HFLM's autocast when it runs in mixed precision."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            )
+        )
+        return stack
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         if not self.evicting or attn_mask is not None or labels is not None:
@@ -370,14 +377,7 @@ class BuzzHFLM(HFLM):
             self.model, self.policy, evict=self.evict, prompt_length=self._prompt_length, positions=self.positions
         )
         start = time.perf_counter()
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
-        ):
+        with self.inference():
             forward = cache_kwargs(self.model, cache)
             logits = [self.model(input_ids=part, **forward).logits for part in self.score_parts(inps)]
         self.record("loglikelihood", cache, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
