@@ -149,6 +149,7 @@ def run_lm_eval(
     pretrained: str | None = str(DEFAULT_MODEL_DIR),
 ) -> tuple[Path, str]:
     """Run the installed ``lm_eval`` console script offline; (its results JSON path, its stderr)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = Path(sys.executable).with_name("lm_eval")
     out = tmp_path / model / model_args.replace(",", "_").replace("=", "-").replace("/", "")[-40:]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
