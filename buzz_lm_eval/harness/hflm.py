@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -41,6 +40,7 @@ from .batching import chunk_bounds, in_groups, temporarily
 from .model_args import SIZE_KEYS, check_args, check_stats_file, plan_cache, pop_sizes
 from .offline_models import resolve, source_of
 from .paths import DEFAULT_MODEL_DIR
+from .row_texts import RowTexts, sha1
 from .run_stats import RunStats, full_cache_stats
 
 # a child of lm-eval's logger, so the harness's own logging set-up shows our lines
@@ -117,6 +117,7 @@ class BuzzHFLM(HFLM):
         self.configure_cache(**cache_args)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.stats_file, self._streaming, self._probing = stats_file, False, False
+        self._row_texts = RowTexts()  # the texts behind scored rows, for stats lines
         self._prompt_length, self._stats_key = None, None
         self._pretrained_dir = pretrained
         super().__init__(pretrained=pretrained, device=device, **kwargs)
@@ -214,7 +215,7 @@ class BuzzHFLM(HFLM):
     def response_cache_tag(self) -> str:
         """Names lm-eval's ``--use_cache`` file after the cache setting, so no setting answers for another."""
         settings = json.dumps(self.cache_settings(), sort_keys=True)
-        return f"buzz_hf-{self.policy.name}-{hashlib.sha1(settings.encode('utf-8')).hexdigest()[:10]}"
+        return f"buzz_hf-{self.policy.name}-{sha1(settings)[:10]}"
 
     def set_cache_hook(self, cache_hook) -> None:
         """Accept lm-eval's response cache only when its file is this cache setting's own."""
@@ -256,6 +257,7 @@ class BuzzHFLM(HFLM):
             return self.per_task("generate_until", requests, super().generate_until, disable_tqdm)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._row_texts = RowTexts()
         with self.streaming(self.evicting):
             return self.per_task("loglikelihood", requests, super().loglikelihood, disable_tqdm)
 
@@ -266,6 +268,10 @@ class BuzzHFLM(HFLM):
                 "documents are scored on an uncompressed cache (use evict=every_forward to measure %s)",
                 self.policy.name,
             )
+        self._row_texts = RowTexts()
+        if self.stats_file:
+            texts = [request.args[0] for request in requests]
+            self._row_texts.add_documents([self.tok_encode(text) for text in texts], texts)
         with self.streaming(self.evicting):
             return self.per_task("loglikelihood_rolling", requests, super().loglikelihood_rolling, disable_tqdm)
 
@@ -281,6 +287,8 @@ class BuzzHFLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         """Under after_prefill: requests in groups of one context length, compressed after the context."""
+        if self.stats_file:
+            self._row_texts.add_requests(requests)
         if not (self.evicting and self.evict == "after_prefill"):
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
@@ -327,7 +335,8 @@ class BuzzHFLM(HFLM):
         out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         seconds = time.perf_counter() - start
         seen = out.shape[1] - 1
-        self.record("generate_until", cache, out.shape[0], seen, out.numel() - out.shape[0], seconds)
+        texts = getattr(self, "_batch_texts", [])
+        self.record("generate_until", cache, out.shape[0], seen, out.numel() - out.shape[0], seconds, texts)
         return out
 
     def prefill_head(self, context: torch.Tensor, mask: torch.Tensor | None, cache) -> None:
@@ -371,7 +380,8 @@ class BuzzHFLM(HFLM):
         if not self.evicting or attn_mask is not None or labels is not None:
             start = time.perf_counter()
             logits = super()._model_call(inps, attn_mask, labels)
-            self.record("loglikelihood", None, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.record("loglikelihood", None, inps.shape[0], inps.shape[1], inps.numel(), seconds, inps)
             return logits
         cache = build_cache(
             self.model, self.policy, evict=self.evict, prompt_length=self._prompt_length, positions=self.positions
@@ -380,7 +390,8 @@ class BuzzHFLM(HFLM):
         with self.inference():
             forward = cache_kwargs(self.model, cache)
             logits = [self.model(input_ids=part, **forward).logits for part in self.score_parts(inps)]
-        self.record("loglikelihood", cache, inps.shape[0], inps.shape[1], inps.numel(), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.record("loglikelihood", cache, inps.shape[0], inps.shape[1], inps.numel(), seconds, inps)
         return torch.cat(logits, dim=1)
 
     def score_parts(self, inps: torch.Tensor) -> list[torch.Tensor]:
@@ -391,9 +402,11 @@ class BuzzHFLM(HFLM):
         return [*head.split(self.score_chunk, 1), *(tail.split(self.score_chunk, 1) if tail.shape[1] else [])]
 
     # -- statistics -----------------------------------------------------------------------------
-    def record(self, kind: str, cache, rows: int, seen: int, tokens: int, seconds: float) -> None:
+    def record(self, kind: str, cache, rows: int, seen: int, tokens: int, seconds: float, contexts) -> None:
         """Fold one batch's cache statistics into the run and its (task, request type); append it
-        to ``stats_file`` if set, with the cache settings, task and process that produced it."""
+        to ``stats_file`` if set, with the cache settings, task and process that produced it, and
+        the SHA-1 of each row's context (``contexts``: the prompt strings of a generation batch, or
+        the token rows of a scored one), the key that joins it with ``--log_samples``."""
         task, kind = self._stats_key or (None, kind)
         if self._probing:
             return
@@ -413,8 +426,9 @@ class BuzzHFLM(HFLM):
                 **identity,
                 **entry,
             }
-            if kind == "generate_until":
-                texts = getattr(self, "_batch_texts", [])
-                entry["context_sha1"] = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
+            if isinstance(contexts, torch.Tensor):
+                entry["context_sha1"] = self._row_texts.of_rows(contexts)
+            else:
+                entry["context_sha1"] = [sha1(text) for text in contexts]
             with open(self.stats_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -132,6 +133,24 @@ def test_stats_file_gets_one_line_per_batch(tmp_path):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["rows"] == 2 and len(lines[0]["context_sha1"]) == 2
     assert lines[0]["policy"] == "h2o" and lines[0]["request_type"] == "generate_until"
+
+
+@pytest.mark.parametrize("cache", ["full", "h2o", "snapkv"])
+def test_scored_stats_lines_name_each_rows_context(tmp_path, cache):
+    """loglikelihood rows carry the SHA-1 of their context string, rolling rows that of their
+    document: the strings --log_samples shows in a sample's arguments."""
+    path = tmp_path / "stats.jsonl"
+    lm = buzz(cache=cache, **({} if cache == "full" else {"budget": 32}), stats_file=str(path))
+    pairs = [(STORY, " She was happy."), ("Tom had a dog.", " The dog ran."), ("Tom had a dog.", " It slept.")]
+    documents = [STORY * 4, "Tom had a dog. " * 30]
+    lm.loglikelihood(requests("loglikelihood", *pairs))
+    lm.loglikelihood_rolling(requests("loglikelihood_rolling", *[(d,) for d in documents]))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    labels = [sha for line in lines for sha in line["context_sha1"]]
+    assert all(len(line["context_sha1"]) == line["rows"] for line in lines)
+    assert None not in labels
+    expected = {hashlib.sha1(text.encode()).hexdigest() for text in [p[0] for p in pairs] + documents}
+    assert set(labels) == expected
 
 
 @pytest.mark.parametrize(
