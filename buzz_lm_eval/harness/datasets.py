@@ -72,8 +72,13 @@ def cnndm_validation(**_: Any) -> datasets.DatasetDict:
 
 
 def xsum_test(**_: Any) -> datasets.DatasetDict:
-    """Shipped XSum subset: the first 50 test records (id, document, summary)."""
-    return _shipped("xsum_test.jsonl", "test")
+    """Shipped XSum subset, smoke size: the first 50 test records (id, document, summary)."""
+    return datasets.DatasetDict({"test": xsum_test_200()["test"].select(range(50))})
+
+
+def xsum_test_200(**_: Any) -> datasets.DatasetDict:
+    """Shipped XSum subset: the first 200 test records (id, document, summary)."""
+    return _shipped("xsum_test_200.jsonl", "test")
 
 
 def wikitext2_test(**_: Any) -> datasets.DatasetDict:
