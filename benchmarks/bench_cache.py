@@ -1,11 +1,14 @@
 """Benchmark the evicting KV cache: prefill and decode time against the full cache, eviction cost, KV memory.
 
-    python benchmarks/bench_cache.py --quick                 # smoke run, about a minute on 2 CPU cores
-    python benchmarks/bench_cache.py                         # 1k/4k/16k on a small random Llama, wide decode
-    python benchmarks/bench_cache.py --device cuda           # 1B-shaped random Llama (or --shape, --pretrained)
+    python benchmarks/bench_cache.py                         # the goals on SmolLM2-135M-Instruct's shapes
+    python benchmarks/bench_cache.py --real-lengths 1024,4096 --no-batch --no-generation   # a shorter run
+    python benchmarks/bench_cache.py --tiny --quick          # engine smoke run on tiny random Llamas
+    python benchmarks/bench_cache.py --tiny --device cuda    # 1B-shaped random Llama (or --shape, --pretrained)
 
-Prints Markdown tables and every target with PASS/FAIL (see benchmarks/README.md) and, with
---json PATH, writes the same numbers as JSON. The engine is only used through its public API.
+The default run measures the real model's goals (``bench_real.py``: the fetched SmolLM2 weights, or
+random weights of its shapes) and prints each as PASS or FAIL; ``--tiny`` runs the engine's older
+suite on small random Llamas (targets in benchmarks/README.md). With --json PATH the numbers are
+also written as JSON. The engine is only used through its public API.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
+import bench_real
 import bench_targets as targets
 import torch
 import transformers
@@ -26,6 +29,7 @@ from bench_run import (  # noqa: F401  (prefill, decode, sync: for scripts impor
     best_prefills,
     decode,
     load_model,
+    paired_ratio,
     policy_specs,
     prefill,
     regime_of,
@@ -90,10 +94,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policies", type=lambda t: t.split(","), default=list(POLICY_NAMES), help="main table's policies")
     p.add_argument("--pretrained", help="load this model instead of a random Llama")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help=f"smoke run; defaults become {QUICK}")
+    p.add_argument("--quick", action="store_true", help=f"with --tiny: smoke run; defaults become {QUICK}")
+    p.add_argument(
+        "--tiny", action="store_true", help="the engine suite on tiny random Llamas instead of the real goals"
+    )
+    p.add_argument(
+        "--real-lengths",
+        type=ints,
+        dest="real_lengths",
+        default=[1024, 4096, 8192],
+        help="real goals: prompt lengths (decode goals at 4096 and 8192)",
+    )
+    p.add_argument("--no-batch", dest="batch_goals", action="store_false", help="real goals: skip batch 8")
+    p.add_argument(
+        "--no-generation", dest="generation", action="store_false", help="real goals: skip buzz_hf generation"
+    )
+    p.add_argument("--gen-tokens", type=int, default=32, dest="gen_tokens", help="real goals: tokens per generation")
     p.add_argument("--json", help="also write all numbers to this JSON file (atomic)")
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else CUDA if args.device == "cuda" else DEFAULTS
+    if not args.tiny:
+        defaults = {**defaults, "steps": 16, "repeats": 2}
     for key, value in defaults.items():
         if getattr(args, key) is None:  # explicit options win over --quick
             setattr(args, key, value)
@@ -247,12 +268,6 @@ def grouping_section(model, name: str, length: int, budget: int, args) -> list[d
     return rows
 
 
-def paired_ratio(row: dict, ref: dict) -> float:
-    """The median over decode rounds of ``row``'s step / ``ref``'s step of the same round: the two
-    ran one after the other, so a machine busy for a while slows both and their ratio holds."""
-    return statistics.median(a / b for a, b in zip(row["step_ms_all"], ref["step_ms_all"], strict=True))
-
-
 def main_table(model, name: str, args) -> list[dict]:
     """Every policy at every budget and length; on CPU the cases of one length run side by side."""
     rows = []
@@ -287,6 +302,8 @@ def main(argv=None) -> None:
     print("# buzz-lm-eval cache benchmark\n")
     header = machine_header(args.device)  # the start's load average, as printed
     print("\n".join(header))
+    if not args.tiny:
+        return real_goals(args, header, began)
     main_shape = None if args.pretrained else args.shape or ("llama1b" if args.device == "cuda" else "tiny")
     name = args.pretrained or main_shape
     print(
@@ -372,6 +389,17 @@ def main(argv=None) -> None:
             "targets": lines,
             "wall_s": wall,
         }
+        write_atomic(args.json, json.dumps(payload, indent=2))
+
+
+def real_goals(args, header: list[str], began: float) -> None:
+    """The default run: every goal of ``bench_real`` on SmolLM2-135M-Instruct's shapes."""
+    out = bench_real.run(args)
+    print("\n## Goals\n\n" + "\n".join(out["lines"]))
+    wall = time.perf_counter() - began
+    print(f"\n{out['summary']}; wall time {wall:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        payload = {"machine": header, "args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall, **out}
         write_atomic(args.json, json.dumps(payload, indent=2))
 
 

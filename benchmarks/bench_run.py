@@ -174,6 +174,8 @@ class Spec:
     length: int
     evict: str | None = None
     batch_layers: bool = True  # build_cache's: one-token drops of all layers as one batch
+    batch: int = 1  # rows, each its own random prompt
+    chunk: int | None = None  # prefill chunk (None: the run's --chunk)
 
 
 class Case:
@@ -194,13 +196,19 @@ class Case:
         )
         self.probe = Probe(self.cache)
         generator = torch.Generator().manual_seed(spec.length)
-        self.ids = torch.randint(0, model.config.vocab_size, (1, spec.length), generator=generator).to(args.device)
+        shape = (spec.batch, spec.length)
+        self.ids = torch.randint(0, model.config.vocab_size, shape, generator=generator).to(args.device)
+        self.chunk = spec.chunk or args.chunk
         self.prefill_s, self.times, self.fired, self.token = 0.0, [], 0, None
         self.prefill_peak = self.evict_before = None
 
+    def chunks(self) -> list[int]:
+        """Where each prefill chunk starts."""
+        return list(range(0, self.spec.length, self.chunk))
+
     def prefill_chunk(self, model, start: int) -> None:
         seconds, self.token = timed_forward(
-            model, self.cache, self.ids[:, start : start + self.args.chunk], self.args.device, self.probe
+            model, self.cache, self.ids[:, start : start + self.chunk], self.args.device, self.probe
         )
         self.prefill_s += seconds
 
@@ -214,9 +222,9 @@ class Case:
         spec, args, stats, steps = self.spec, self.args, self.cache.stats(), len(self.times)
         step_ms, median_ms = 1000 * statistics.fmean(self.times), 1000 * statistics.median(self.times)
         evict_ms = 1000 * (stats["evict_seconds"] - self.evict_before) / steps
-        chunks = math.ceil(spec.length / args.chunk)
+        chunks = math.ceil(spec.length / self.chunk)
         decode_peak = max(held + 1 for held in self.probe.held[chunks - 1 : -1])  # held while a step attends
-        bound = bound_tokens(self.regime, spec.budget, spec.length, args.chunk, args.warmup + steps)
+        bound = bound_tokens(self.regime, spec.budget, spec.length, self.chunk, args.warmup + steps)
         bound_bytes = None if bound is None else bound * kv_bytes_per_token(self.cache)
         resident = max(self.probe.resident)
         return {
@@ -226,6 +234,8 @@ class Case:
             "budget": spec.budget,
             "length": spec.length,
             "batch_layers": spec.batch_layers,
+            "batch": spec.batch,
+            "chunk": self.chunk,
             "steps": steps,
             "prefill_s": self.prefill_s,
             "step_ms": step_ms,
@@ -275,11 +285,12 @@ def run_cases(model, specs: list[Spec], steps: int, args) -> list[dict]:
 
 
 def prefill_side_by_side(model, cases: list, args) -> None:
-    """Prefill every case chunk by chunk: each chunk of every case before the next chunk of any."""
-    for i, start in enumerate(range(0, max(case.spec.length for case in cases), args.chunk)):
-        for case in rotated(cases, i):
-            if start < case.spec.length:
-                case.prefill_chunk(model, start)
+    """Prefill every case chunk by chunk: the i-th chunk of every case before the next of any."""
+    starts = [case.chunks() for case in cases]
+    for i in range(max(len(s) for s in starts)):
+        for case, case_starts in rotated(list(zip(cases, starts, strict=True)), i):
+            if i < len(case_starts):
+                case.prefill_chunk(model, case_starts[i])
 
 
 def best_prefills(model, specs: list[Spec], repeats: int, args) -> list[dict]:
@@ -314,6 +325,12 @@ def run_case(
 ) -> dict:
     """Prefill ``length`` random tokens, then time ``steps`` decode steps; one result row."""
     return run_cases(model, [Spec(name, policy, budget, length, evict)], steps, args)[0]
+
+
+def paired_ratio(row: dict, ref: dict) -> float:
+    """The median over decode rounds of ``row``'s step / ``ref``'s step of the same round: the two
+    ran one after the other, so a machine busy for a while slows both and their ratio holds."""
+    return statistics.median(a / b for a, b in zip(row["step_ms_all"], ref["step_ms_all"], strict=True))
 
 
 def add_ratios(rows: list[dict]) -> None:

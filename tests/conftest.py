@@ -112,10 +112,12 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    """The test device; tiny models run fastest on one thread; never reach the hub from tests."""
+    """The test device; tiny models run fastest on one thread (and pytest -n N runs N workers), in
+    the lm_eval subprocesses too; never reach the hub from tests."""
     global DEVICE
     DEVICE = torch.device(config.getoption("--device"))
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

