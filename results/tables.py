@@ -1,0 +1,91 @@
+"""Print the Markdown tables of results/README.md from a leaderboard.json.
+
+    python results/tables.py results/SmolLM2-135M-Instruct/leaderboard.json
+
+One table per task: every policy, budget and regime with each metric's value and standard error,
+its value relative to the full cache, KV memory at peak and on average, and n. Runs without the
+chat template (the prompt-choice evidence) are left out of the summarisation and QA tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from buzz_lm_eval.policies import POLICY_NAMES
+
+TASKS = {  # task: (title, metrics, runs with the chat template only)
+    "buzz_cnndm_smoke": ("CNN/DM (`buzz_cnndm_smoke`, 15 articles)", ["rouge1", "rouge2", "rougeL"], True),
+    "buzz_xsum_200": ("XSum (`buzz_xsum_200`, 200 articles)", ["rouge1", "rouge2", "rougeL"], True),
+    "buzz_10qa_smoke_gold4": ("10-document QA, gold at 4 (50 questions)", ["best_subspan_em"], True),
+    "buzz_10qa_smoke_gold0": ("10-document QA, gold at 0 (50 questions)", ["best_subspan_em"], True),
+    "buzz_10qa_smoke_gold9": ("10-document QA, gold at 9 (50 questions)", ["best_subspan_em"], True),
+    "buzz_wikitext_smoke": ("WikiText-2 (`buzz_wikitext_smoke`, first 20 articles)", ["bits_per_byte"], False),
+}
+MIB = 2**20
+
+
+def table(rows: list[dict], task: str, metrics: list[str], chat_only: bool) -> str | None:
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row["task"] != task or row["metric"] not in metrics:
+            continue
+        if chat_only and not row["settings"].get("chat_template"):
+            continue
+        key = (row["policy"], row["budget"], row["cache"].get("evict"))
+        cells.setdefault(key, {})[row["metric"]] = row
+    if not cells:
+        return None
+    head = [
+        "policy",
+        "budget",
+        "evict",
+        *metrics,
+        f"rel. {metrics[0]}",
+        "KV peak (MiB)",
+        "KV mean (MiB)",
+        "kept mean",
+        "n",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---|" + "---:|" * (len(head) - 3)]
+    order = lambda key: (key[1] or 0, POLICY_NAMES.index(key[0]), str(key[2]))  # noqa: E731
+    for key in sorted(cells, key=order):
+        by_metric, first = cells[key], cells[key][metrics[0]]
+        values = [
+            f"{by_metric[m]['value']:.3f} ± {by_metric[m]['stderr']:.3f}"
+            if isinstance(by_metric.get(m, {}).get("stderr"), float)
+            else f"{by_metric[m]['value']:.3f}"
+            for m in metrics
+        ]
+        relative = first.get("relative_quality")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    key[0],
+                    str(key[1] or "full"),
+                    key[2] or "",
+                    *values,
+                    "-" if relative is None else f"{relative:.3f}",
+                    f"{first['kv_bytes_peak'] / MIB:.1f}",
+                    f"{first['kv_bytes_mean'] / MIB:.1f}",
+                    f"{first['kept_tokens_mean']:.0f}",
+                    str(first["n_samples"]),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(path: str) -> None:
+    with open(path, encoding="utf-8") as handle:
+        rows = json.load(handle)["rows"]
+    for task, (title, metrics, chat_only) in TASKS.items():
+        text = table(rows, task, metrics, chat_only)
+        if text is not None:
+            print(f"### {title}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
