@@ -1,7 +1,7 @@
 """Benchmark the evicting KV cache: prefill and decode time against the full cache, eviction cost, KV memory.
 
     python benchmarks/bench_cache.py                         # the goals on SmolLM2-135M-Instruct's shapes
-    python benchmarks/bench_cache.py --real-lengths 1024,4096 --no-batch --no-generation   # a shorter run
+    python benchmarks/bench_cache.py --decode-lengths 4096 --prefill-lengths 1024 --no-batch --gen-batches ''  # shorter
     python benchmarks/bench_cache.py --tiny --quick          # engine smoke run on tiny random Llamas
     python benchmarks/bench_cache.py --tiny --device cuda    # 1B-shaped random Llama (or --shape, --pretrained)
 
@@ -99,13 +99,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--tiny", action="store_true", help="the engine suite on tiny random Llamas instead of the real goals"
     )
     p.add_argument(
-        "--real-lengths",
+        "--decode-lengths",
         type=ints,
-        dest="real_lengths",
+        dest="decode_lengths",
+        default=[4096, 8192],
+        help="real goals: prompt lengths of the decode goals (a policy holds a quarter)",
+    )
+    p.add_argument(
+        "--prefill-lengths",
+        type=ints,
+        dest="prefill_lengths",
         default=[1024, 4096, 8192],
-        help="real goals: prompt lengths (decode goals at 4096 and 8192)",
+        help="real goals: prompt lengths of the prefill goals",
     )
     p.add_argument("--no-batch", dest="batch_goals", action="store_false", help="real goals: skip batch 8")
+    p.add_argument(
+        "--batch-length", type=int, default=4096, dest="batch_length", help="real goals: batch 8 decode length"
+    )
+    p.add_argument(
+        "--gen-batches", type=ints, default=[1, 8], dest="gen_batches", help="real goals: generation batch sizes"
+    )
+    p.add_argument(
+        "--gen-tasks",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=["cnndm", "qa10"],
+        dest="gen_tasks",
+        help="real goals: generation workloads (cnndm, qa10)",
+    )
     p.add_argument(
         "--no-generation", dest="generation", action="store_false", help="real goals: skip buzz_hf generation"
     )
