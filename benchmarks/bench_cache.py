@@ -413,14 +413,19 @@ def main(argv=None) -> None:
 
 
 def real_goals(args, header: list[str], began: float) -> None:
-    """The default run: every goal of ``bench_real`` on SmolLM2-135M-Instruct's shapes."""
-    out = bench_real.run(args)
+    """The default run: every goal of ``bench_real`` on SmolLM2-135M-Instruct's shapes; with --json
+    the file is rewritten after every section."""
+
+    def save(out: dict) -> None:
+        if args.json:
+            payload = {"machine": header, "args": {k: str(v) for k, v in vars(args).items()}, **out}
+            write_atomic(args.json, json.dumps({**payload, "wall_s": time.perf_counter() - began}, indent=2))
+
+    out = bench_real.run(args, save)
     print("\n## Goals\n\n" + "\n".join(out["lines"]))
     wall = time.perf_counter() - began
     print(f"\n{out['summary']}; wall time {wall:.0f} s, load average at end {os.getloadavg()[0]:.2f}")
-    if args.json:
-        payload = {"machine": header, "args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall, **out}
-        write_atomic(args.json, json.dumps(payload, indent=2))
+    save(out)
 
 
 if __name__ == "__main__":

@@ -227,23 +227,27 @@ def not_judged(args) -> list[str]:
     return [f"- not judged in this run: {', '.join(missing)}"] if missing else []
 
 
-def run(args) -> dict:
-    """Every section; returns the rows and the goal lines."""
+def run(args, save=lambda out: None) -> dict:
+    """Every section; returns the rows and the goal lines (``save`` gets them after each section,
+    so a run stopped part-way keeps what it measured)."""
     model, name = load(args)
     print(f"- model: {name}, dtype {str(args.dtype).split('.')[-1]}, {args.steps} timed decode steps\n", flush=True)
     lines, out = [], {"model": name}
     for length in args.decode_lengths:
         rows = decode_section(model, name, length, 1, args)
         out[f"decode_{length}"], lines = rows, lines + show(decode_lines(rows, length, 1))
+        save({**out, "lines": lines})
     for length in args.prefill_lengths:
         rows = prefill_section(model, name, length, 1, args)
         out[f"prefill_{length}"], lines = rows, lines + show(prefill_lines(rows))
+        save({**out, "lines": lines})
     if args.batch_goals:
         rows = decode_section(model, name, args.batch_length, BATCH, args)
         out[f"decode_{args.batch_length}_batch{BATCH}"] = rows
         lines += show(decode_lines(rows, args.batch_length, BATCH))
         rows = prefill_section(model, name, 1024, BATCH, args)
         out[f"prefill_1024_batch{BATCH}"], lines = rows, lines + show(prefill_lines(rows))
+        save({**out, "lines": lines})
     if args.gen_batches and args.gen_tasks:
         del model
         rows = [row for batch in args.gen_batches for row in generation_rows(args, batch)]

@@ -15,6 +15,7 @@ from ..conftest import tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_cache  # noqa: E402
+import bench_real  # noqa: E402
 import bench_run  # noqa: E402
 import bench_targets as targets  # noqa: E402
 
@@ -22,6 +23,7 @@ import bench_targets as targets  # noqa: E402
 def small_args(*extra: str):
     return bench_cache.parse_args(
         [
+            "--tiny",
             "--lengths",
             "48",
             "--budgets",
@@ -149,7 +151,10 @@ def test_prefill_section_keeps_each_cases_best_of_its_side_by_side_runs(monkeypa
     assert full["prefill_s"] == pytest.approx(0.3) and h2o["prefill_s"] == pytest.approx(0.6)
     assert full["prefill_x_full"] == 1.0 and h2o["prefill_x_full"] == pytest.approx(2.0)
     assert full["prefill_spread_pct"] == pytest.approx(900.0) and h2o["prefill_spread_pct"] == pytest.approx(400.0)
-    assert bench_cache.parse_args(["--quick"]).repeats == 1 and small_args().repeats == bench_cache.DEFAULTS["repeats"]
+    assert (
+        bench_cache.parse_args(["--tiny", "--quick"]).repeats == 1
+        and small_args().repeats == bench_cache.DEFAULTS["repeats"]
+    )
     with pytest.raises(SystemExit):
         bench_cache.parse_args(["--repeats", "0"])
 
@@ -315,3 +320,26 @@ def test_bad_options_stop_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_cache.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_real_goals_pair_each_policy_with_both_full_caches_and_judge_every_goal():
+    """bench_real's decode section on a tiny random Llama: every policy at L/4 beside the full cache
+    holding L and L/4, a verdict line per goal, and the goals a shorter run leaves out named."""
+    args = bench_cache.parse_args(["--steps", "2", "--warmup", "1", "--device", conftest.DEVICE.type])
+    assert args.decode_lengths == [4096, 8192] and args.gen_batches == [1, 8] and args.repeats == 2
+    model = bench_run.load_model("tiny", args)
+    rows = bench_real.decode_section(model, "tiny", 64, 1, args)
+    assert [row["policy"] for row in rows] == ["full", "full", *bench_real.POLICIES]
+    assert (rows[0]["length"], rows[1]["length"]) == (64, 16)
+    for row in rows[2:]:
+        assert row["budget"] == 16 and row["length"] == 64
+        assert row["x_full_L"] == bench_cache.paired_ratio(row, rows[0])
+        assert row["x_full_quarter"] == bench_cache.paired_ratio(row, rows[1])
+    h2o = next(row for row in rows if row["policy"] == "h2o")
+    assert h2o["evict"] == "every_forward" and h2o["chunk"] == 4  # buzz_hf's default chunk: budget // 4
+    lines = bench_real.decode_lines(rows, 64, 1)
+    assert len(lines) == 1 + 3 * len(bench_real.POLICIES)
+    assert all(("**PASS**" in line) != ("**FAIL**" in line) for line in lines[1:])
+    short = bench_cache.parse_args(["--decode-lengths", "4096", "--no-batch", "--gen-batches", "1"])
+    [missing] = bench_real.not_judged(short)
+    assert "decode at 8192" in missing and "batch 8" in missing and "generation at batch 8" in missing
