@@ -6,7 +6,9 @@ no lm-eval import; microseconds) that acts only when lm-eval itself is imported:
 - after ``lm_eval.models`` runs, it registers ``buzz_hf`` lazily by "module:Class" string, so
   the built-in models stay registered (``get_model`` imports ``lm_eval.models`` first);
 - after ``lm_eval.tasks.manager`` runs, every ``TaskManager`` also indexes this package's
-  task directory, so ``--tasks buzz_*`` works without ``--include_path``;
+  task directory, so ``--tasks buzz_*`` works without ``--include_path``, and a fetched offline
+  model's name in the task metadata (``pretrained``/``tokenizer``, which lm-eval copies from
+  ``--model_args`` for tasks that measure lengths with the tokenizer) becomes its directory;
 - after ``lm_eval.api.model`` runs, ``--use_cache`` keeps one response file per cache setting
   for models that name theirs (``response_cache_tag``), so no setting answers for another;
 - after ``lm_eval.api.task`` runs, lm-eval's per-task "Custom kwargs can be passed to
@@ -45,7 +47,8 @@ def wrap_method(cls, name: str, make) -> None:
 
 
 def add_task_path(manager_module) -> None:
-    """Wrap ``TaskManager.__init__`` so our tasks are always on its include path."""
+    """Wrap ``TaskManager.__init__`` so our tasks are always on its include path and offline model
+    names in its metadata point at their fetched directories."""
 
     def make(original):
         def __init__(self, *args, **kwargs):
@@ -55,11 +58,30 @@ def add_task_path(manager_module) -> None:
                 args = (args[0], with_tasks(args[1], tasks_dir()), *args[2:])
             else:
                 kwargs["include_path"] = with_tasks(kwargs.get("include_path"), tasks_dir())
+            if len(args) >= 4:
+                args = (*args[:3], with_model_dirs(args[3]), *args[4:])
+            elif "metadata" in kwargs:
+                kwargs["metadata"] = with_model_dirs(kwargs["metadata"])
             original(self, *args, **kwargs)
 
         return __init__
 
     wrap_method(manager_module.TaskManager, "__init__", make)
+
+
+def with_model_dirs(metadata):
+    """Task ``metadata`` with a fetched offline model's name (``pretrained``, ``tokenizer``) replaced by
+    its directory, so a task that loads the tokenizer never asks the hub for it."""
+    if not isinstance(metadata, dict):
+        return metadata
+    from buzz_lm_eval.harness.offline_models import MODELS, is_fetched, model_dir
+
+    resolved = dict(metadata)
+    for key in ("pretrained", "tokenizer"):
+        name = resolved.get(key)
+        if isinstance(name, str) and name.lower() in MODELS and is_fetched(name.lower()):
+            resolved[key] = str(model_dir(name.lower()))
+    return resolved
 
 
 def with_tasks(include_path, ours):

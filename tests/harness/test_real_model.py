@@ -86,6 +86,21 @@ def test_buzz_at_budget_256_holds_its_budget_and_summarises(tmp_path, smollm2):
     assert ROUGE1_RANGE[0] <= rouge1 <= ROUGE1_RANGE[1], rouge1
 
 
+@pytest.mark.slow
+def test_tasks_that_measure_with_the_tokenizer_find_the_fetched_model_by_name(smollm2):
+    """lm-eval copies --model_args into task metadata; buzz_niah (and RULER) load the tokenizer named
+    there, which must be the fetched directory, not a hub id (the hub is off in tests)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from transformers import AutoTokenizer
+
+    manager = TaskManager(metadata={"pretrained": NAME})
+    task = get_task_dict(["buzz_niah_smoke"], manager)["buzz_niah_smoke"]
+    docs = list(task.test_docs())
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    assert len(docs) == 9
+    assert all(doc["tokens"] == len(tokenizer(doc["input"] + " " + doc["gen_prefix"])["input_ids"]) for doc in docs)
+
+
 def test_an_unfetched_model_names_the_fetch_command(tmp_path, monkeypatch):
     from buzz_lm_eval.harness.offline_models import resolve
 
