@@ -112,10 +112,11 @@ class Probe:
 
 @torch.inference_mode()
 def timed_forward(model, cache: EvictingCache, ids: torch.Tensor, device: str, probe: Probe | None = None):
-    """One forward of ``ids`` through the cache; returns its seconds and the greedy next token [1, 1]."""
+    """One forward of ``ids`` through the cache; returns its seconds and the greedy next token [B, 1].
+    Only the last position's logits are computed, as ``generate`` and ``buzz_hf``'s prefill do."""
     sync(device)
     start = time.perf_counter()
-    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits
+    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
     sync(device)
     seconds = time.perf_counter() - start
     if probe is not None:

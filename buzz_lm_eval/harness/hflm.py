@@ -353,6 +353,8 @@ class BuzzHFLM(HFLM):
         mask = torch.ones_like(context) if mask is None else mask
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         forward = cache_kwargs(self.model, cache)
+        if self.model._supports_logits_to_keep():  # nothing reads these chunks' logits (as generate skips them)
+            forward["logits_to_keep"] = 1
         with self.inference():
             for begin, end in bounds:
                 self.model(
