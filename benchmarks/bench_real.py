@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 
 import torch
-from bench_run import Spec, best_prefills, paired_ratio, run_cases
+from bench_run import SHAPES, Spec, best_prefills, paired_ratio, run_cases
 from bench_targets import verdict
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -40,19 +40,6 @@ EVICT_SHARE = 5.0  # % of a decode step, at most
 PREFILL = 1.10  # x the full cache's one-forward prefill, at most
 PREFILL_LENGTHS = (1024, 4096, 8192)
 BATCH = 8
-# SmolLM2-135M-Instruct's config, for random weights of its shapes when it has not been fetched
-SHAPES = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    vocab_size=49152,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
 
 
 def load(args) -> tuple[object, str]:
@@ -60,7 +47,9 @@ def load(args) -> tuple[object, str]:
     if is_fetched(MODEL):
         model = AutoModelForCausalLM.from_pretrained(model_dir(MODEL), dtype=args.dtype)
         return model.to(args.device).eval(), "SmolLM2-135M-Instruct"
-    config = AutoConfig.for_model("llama", **SHAPES)
+    config = AutoConfig.for_model(  # SmolLM2-135M-Instruct's config
+        "llama", **SHAPES["smollm2"], vocab_size=49152, max_position_embeddings=8192, rope_theta=1e5
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=args.dtype)
     return model.to(args.device).eval(), "SmolLM2-135M shapes, random weights (not fetched)"
@@ -191,22 +180,18 @@ def task_module(relative: str):
 
 
 def generation_lines(rows: list[dict]) -> list[str]:
-    lines = []
     full = {(r["task"], r["batch"]): r for r in rows if r["policy"] == "full"}
-    for row in rows:
-        ref = full[(row["task"], row["batch"])]
-        label = f"{row['task']} batch {row['batch']} {row['policy']}"
-        if row is ref:
-            lines.append(
-                f"- info: {label}: {row['tokens_per_s']:.1f} generated tokens/s, {row['docs_per_min']:.1f} docs/min"
-            )
-            continue
-        lines.append(
-            f"- {verdict(row['tokens_per_s'] >= ref['tokens_per_s'])} {label} (budget {row['budget']}): "
-            f"{row['tokens_per_s']:.1f} generated tokens/s vs full {ref['tokens_per_s']:.1f} (>= full), "
-            f"{row['docs_per_min']:.1f} docs/min"
-        )
-    return lines
+    return [generation_line(row, full[(row["task"], row["batch"])]) for row in rows]
+
+
+def generation_line(row: dict, ref: dict) -> str:
+    """One generation row: info for the full cache, a verdict against it for a policy."""
+    label = f"{row['task']} batch {row['batch']} {row['policy']}"
+    speed = f"{row['tokens_per_s']:.1f} generated tokens/s"
+    if row is ref:
+        return f"- info: {label}: {speed}, {row['docs_per_min']:.1f} docs/min"
+    mark = verdict(row["tokens_per_s"] >= ref["tokens_per_s"])
+    return f"- {mark} {label} (budget {row['budget']}): {speed} vs full {ref['tokens_per_s']:.1f} (>= full)"
 
 
 def show(lines: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ SHAPES = {  # randomly initialised Llama shapes, values in SHAPE_KEYS order
     "llama7b": dict(zip(SHAPE_KEYS, (4096, 11008, 32, 32, 32), strict=True)),
     "llama1b": dict(zip(SHAPE_KEYS, (2048, 8192, 16, 32, 8), strict=True)),  # Llama-3.2-1B-shaped
     "llama8b": dict(zip(SHAPE_KEYS, (4096, 14336, 32, 32, 8), strict=True)),  # Llama-3.1-8B-shaped
+    "smollm2": dict(zip(SHAPE_KEYS, (576, 1536, 30, 9, 3), strict=True)),  # SmolLM2-135M-shaped (head dim 64)
 }
 
 
