@@ -12,6 +12,7 @@ import io
 import itertools
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
@@ -70,11 +71,9 @@ def heatmap_png(rows: list[Row]) -> bytes:
     axes.set_xlabel("context length (tokens)")
     axes.set_ylabel("needle depth")
     first, values = rows[0], list(cells.values())
-    axes.set_title(
-        f"{first['task']} {cell(first)[0]} — {first['model']}, {run_label(first)}\n"
-        f"mean {sum(values) / len(values):.3f} over {len(values)} cells",
-        fontsize=9,
-    )
+    mean = f"mean {sum(values) / len(values):.3f} over {len(values)} cells"
+    title = f"{first['task']} {cell(first)[0]}, {run_label(first)}: {mean}"
+    axes.set_title("\n".join(textwrap.wrap(f"{title} ({first['model']})", 48)), fontsize=8)
     figure.colorbar(image, ax=axes, label=cell(first)[0])
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
