@@ -5,8 +5,9 @@ cache on the *same* documents removes the documents' own spread. For every leade
 has a comparable full-cache run (``full_source``) and both runs' lm-eval samples files
 (``--log_samples``), the documents are paired by ``doc_id`` (and must agree on ``doc_hash``), and
 the row gets: ``n``, the mean per-document difference (policy - full) with its standard error, wins,
-losses and ties, and the two-sided exact sign-test p-value over the documents that differ. Metrics
-whose per-document value is not one number (perplexities aggregate pairs) are left out.
+losses and ties, and the two-sided exact sign-test p-value over the documents that differ.
+``bits_per_byte`` (a ``[loglikelihood, bytes]`` pair per document, aggregated over all bytes) is
+paired as each document's own bits per byte; the other perplexities are left out.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ HEADER = ["| policy | budget | evict | n | difference | W/L/T | sign-test p |", 
 NOTE = (
     "difference = policy - full on the same documents (mean +- standard error of the per-document "
     "differences); W/L/T = documents where the policy scored higher / lower / the same; p = two-sided "
-    "exact sign test over the documents that differ"
+    "exact sign test over the documents that differ; for bits_per_byte (each document's own) lower is "
+    "better, so a positive difference is a loss"
 )
 
 
@@ -49,11 +51,14 @@ def samples_path(root: Path, source: str, task: str) -> Path | None:
 
 
 def per_document(path: Path, metric: str) -> dict[int, tuple[str, float]]:
-    """``doc_id -> (doc_hash, value)`` for documents whose ``metric`` is one finite number."""
+    """``doc_id -> (doc_hash, value)`` for documents whose ``metric`` is one finite number (or, for
+    ``bits_per_byte``, a ``[loglikelihood, bytes]`` pair: that document's bits per byte)."""
     values = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         sample = json.loads(line)
         value = sample.get(metric)
+        if metric == "bits_per_byte" and isinstance(value, list) and len(value) == 2 and value[1]:
+            value = -value[0] / value[1] / math.log(2)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             values[sample["doc_id"]] = (sample.get("doc_hash"), float(value))
     return values

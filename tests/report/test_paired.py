@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from buzz_lm_eval.report import leaderboard
-from buzz_lm_eval.report.paired import compare, sign_test
+from buzz_lm_eval.report.paired import compare, per_document, sign_test
 
 from .test_leaderboard import buzz_cache, results_json
 
@@ -56,3 +56,19 @@ def test_the_leaderboard_writes_paired_comparisons(tmp_path, capsys):
     )
     assert row["mean_difference"] == pytest.approx(-0.3) and row["sign_test_p"] == pytest.approx(0.25)
     assert "| buzz | 64 | None | 10 | -0.3000 ± 0.1528 | 0/3/7 | 0.25 |" in (root / "paired.md").read_text()
+
+
+def test_bits_per_byte_pairs_each_documents_own_bits_per_byte(tmp_path):
+    """A rolling task's samples hold [loglikelihood, bytes] per document: the paired value is that
+    document's bits per byte; other pair-valued perplexities stay out."""
+    import math
+
+    path = tmp_path / "samples.jsonl"
+    rows = [
+        {"doc_id": 0, "doc_hash": "a", "bits_per_byte": [-100 * math.log(2), 50], "word_perplexity": [-3.0, 9]},
+        {"doc_id": 1, "doc_hash": "b", "bits_per_byte": [-30 * math.log(2), 60], "word_perplexity": [-1.0, 9]},
+    ]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    values = per_document(path, "bits_per_byte")
+    assert values[0] == ("a", pytest.approx(2.0)) and values[1] == ("b", pytest.approx(0.5))
+    assert per_document(path, "word_perplexity") == {}
