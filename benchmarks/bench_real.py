@@ -65,7 +65,7 @@ def policy_spec(name: str, policy: str, length: int, batch: int = 1, one_forward
 
 def decode_section(model, name: str, length: int, batch: int, args) -> list[dict]:
     """Every policy at L/4 with both full references, side by side; ratios per decode round."""
-    full, quarter = Spec(name, "full", None, length, batch=batch, chunk=length), None
+    full = Spec(name, "full", None, length, batch=batch, chunk=length)
     quarter = Spec(name, "full", None, length // 4, batch=batch, chunk=length // 4)
     specs = [full, quarter] + [policy_spec(name, policy, length, batch) for policy in POLICIES]
     rows = run_cases(model, specs, args.steps, args)
@@ -132,9 +132,10 @@ def generation_rows(args, batch: int) -> list[dict]:
 
     from buzz_lm_eval.harness import datasets
     from buzz_lm_eval.harness.hflm import BuzzHFLM
+    from buzz_lm_eval.harness.paths import load_task_module
 
     lm = BuzzHFLM(pretrained=MODEL, device=args.device, batch_size=batch, dtype=str(args.dtype).split(".")[-1])
-    litm = task_module("lost_in_the_middle/litm.py")
+    litm = load_task_module("lost_in_the_middle/litm.py", "bench_litm")
     articles = [r["article"] for r in datasets.cnndm_validation()["validation"]][:batch]
     summarise = [f"Text: {a}\n\nSUMMARIZE the previous text to 50 words!" for a in articles]  # the task's prompt
     questions = [litm.doc_to_text(r) for r in datasets.nq10(4)["test"]][:batch]
@@ -165,18 +166,6 @@ def generation_rows(args, batch: int) -> list[dict]:
                 }
             )
     return rows
-
-
-def task_module(relative: str):
-    """A utils file of the shipped tasks (task folders are files, not an importable package)."""
-    import importlib.util
-
-    from buzz_lm_eval.harness.paths import tasks_dir
-
-    spec = importlib.util.spec_from_file_location(relative.replace("/", "_"), tasks_dir() / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def generation_lines(rows: list[dict]) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from buzz_lm_eval.harness.paths import DEFAULT_MODEL_DIR
+from buzz_lm_eval.harness.paths import DEFAULT_MODEL_DIR, load_task_module  # noqa: F401  (tests import it from here)
 
 TINY = dict(
     vocab_size=128,
@@ -87,18 +87,6 @@ def attention_calls(monkeypatch):
         attention, "attention_with_scores", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k)
     )
     return calls
-
-
-def load_task_module(relative: str, name: str):
-    """A module of this package's task folder (task utils are files, not an importable package)."""
-    import importlib.util
-
-    from buzz_lm_eval.harness.paths import tasks_dir
-
-    spec = importlib.util.spec_from_file_location(name, tasks_dir() / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pytest_addoption(parser):

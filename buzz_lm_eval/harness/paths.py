@@ -17,3 +17,13 @@ def tasks_dir() -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"buzz-lm-eval task directory not found next to {PACKAGE_DIR}")
+
+
+def load_task_module(relative: str, name: str):
+    """A utils file of the shipped tasks as module ``name`` (task folders are files, not an importable package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, tasks_dir() / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
