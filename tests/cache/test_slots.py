@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from buzz_lm_eval.cache import build_cache
 from buzz_lm_eval.cache.slots import SlotStore, tail_moves
 
-from ..conftest import on_device, tiny_model
+from ..conftest import DEVICE, TINY, on_device, tiny_model
 from .test_cache import random_batch
 from .test_positions import ROPES, one_layer_llama, stream
 
@@ -46,6 +47,33 @@ def test_a_per_step_eviction_writes_two_slots_not_the_cache():
             assert store.keys.data_ptr() == pointer and store.keys.shape == before.shape  # no new buffer
             changed = (store.keys != before).any(dim=-1)  # [B, H, K] slots rewritten this step
             assert int(changed.sum(dim=-1).max()) <= 2
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_a_one_token_drop_moves_the_last_slot_for_any_number_of_kv_heads(heads):
+    """One row of one KV head (Gemma 3 270M, multi-query models) makes the last slot a plain slice
+    of the buffer it is copied into (index_copy_ once refused that); the last slot may also be the
+    dropped one and then moves onto itself."""
+    keys = torch.arange(1 * heads * 5 * 2, dtype=torch.float32).view(1, heads, 5, 2)
+    store = SlotStore(keys.clone(), -keys.clone(), limit=None)
+    store.move_last_into(torch.tensor([[[4]]]))  # the last slot itself
+    assert store.n == 4 and torch.equal(store.keys, keys[:, :, :4]) and torch.equal(store.values, -keys[:, :, :4])
+    store.move_last_into(torch.tensor([[[1]]]))  # another slot: the last one fills it
+    assert torch.equal(store.keys, keys[:, :, [0, 3, 2]])
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_one_kv_head_models_decode_past_the_budget(policy):
+    """A one-KV-head model under a dropping policy decodes past the budget and keeps it (one layer:
+    nothing to group, so each drop moves a slot within the layer's own one-head buffer)."""
+    config = LlamaConfig(**{**TINY, "num_key_value_heads": 1, "num_hidden_layers": 1})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
+    ids = on_device(random_batch([60], seed=2)["input_ids"])
+    cache = build_cache(model, policy, budget=12)
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    assert out.shape[1] == 84 and all(layer.keys.shape[2] <= 12 for layer in cache.layers)
 
 
 def test_buffers_grow_to_the_budget_plus_one_chunk_at_most():
