@@ -153,12 +153,20 @@ def newest_entries(runs: list[Run]) -> list[tuple[Run, str, dict[str, Any]]]:
     return [(run, key[1], settings) for key, (run, settings) in kept.items()]
 
 
+def not_evaluated(value: Any, stderr: Any) -> bool:
+    """lm-eval's RULER marks a length it did not run (not in ``max_seq_lengths``) with -1 and an
+    'N/A' standard error: no score to rank."""
+    return value == -1 and stderr == "N/A"
+
+
 def task_metrics(values: dict[str, Any]) -> Iterator[tuple[str, str, Any, float | None]]:
-    """(metric, filter, raw value, stderr) for each ``metric,filter`` entry of a task."""
+    """(metric, filter, raw value, stderr) for each ``metric,filter`` entry of a task, without the
+    entries that say a metric was not evaluated (``not_evaluated``)."""
     for key, value in values.items():
         metric, sep, filter_name = key.partition(",")
-        if sep and not metric.endswith("_stderr"):
-            yield metric, filter_name, value, number(values.get(f"{metric}_stderr,{filter_name}"))
+        stderr = values.get(f"{metric}_stderr,{filter_name}")
+        if sep and not metric.endswith("_stderr") and not not_evaluated(value, stderr):
+            yield metric, filter_name, value, number(stderr)
 
 
 def sample_count(data: dict[str, Any], task: str) -> int | None:

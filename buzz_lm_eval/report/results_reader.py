@@ -5,7 +5,8 @@ lm-eval writes it), so ``--output_path x.json`` files (``x_<date>.json``) count 
 ``results_<date>.json``. A model is identified by what lm-eval records (path or hub id, revision,
 weights hash, adapters), never by a folder name. Settings that decide comparability are split in
 two: the run's (``task_settings``: dtype, task version, limit, few-shot, chat template, generation
-kwargs, max_length, predict-only) and the cache's (every non-statistic key of ``config.buzz_cache``).
+kwargs, max_length, predict-only, and the task metadata given with ``--metadata``, such as RULER's
+and NIAH's lengths) and the cache's (every non-statistic key of ``config.buzz_cache``).
 """
 
 from __future__ import annotations
@@ -201,10 +202,31 @@ def is_predict_only(data: dict[str, Any], task: str) -> bool:
     return any(isinstance(v, dict) and any(k.startswith("bypass,") for k in v) for v in leaves)
 
 
+NOT_METADATA = frozenset({"version", "config_source"})  # task metadata lm-eval adds that sets nothing
+
+
+def task_metadata(data: dict[str, Any], leaves: list[str]) -> dict[str, Any]:
+    """The metadata that shapes the tasks' data (``--metadata``, a task YAML's ``metadata``), by leaf
+    task when they differ: without the version, the YAML's path and the model arguments lm-eval
+    copies into every task's metadata."""
+    configs, given = data.get("configs") or {}, model_args(data["config"])
+    found = {
+        leaf: {
+            key: value
+            for key, value in ((configs.get(leaf) or {}).get("metadata") or {}).items()
+            if key not in NOT_METADATA and key not in given
+        }
+        for leaf in leaves
+    }
+    distinct = {canonical(value) for value in found.values()}
+    return next(iter(found.values())) if len(distinct) == 1 else found
+
+
 def task_settings(data: dict[str, Any], task: str) -> dict[str, Any]:
     """The run's settings for ``task`` that decide comparability (cache settings aside)."""
     config, configs = data["config"], data.get("configs") or {}
     leaves = leaf_tasks(data, task)
+    metadata = task_metadata(data, leaves)
     generation = {leaf: (configs.get(leaf) or {}).get("generation_kwargs") for leaf in leaves}
     chat = data.get("chat_template_sha") or (data.get("chat_template") and canonical(data["chat_template"]))
     return {
@@ -220,6 +242,7 @@ def task_settings(data: dict[str, Any], task: str) -> dict[str, Any]:
         else generation,
         "max_length": data.get("max_length"),
         "predict_only": is_predict_only(data, task),
+        **({"task_metadata": metadata} if metadata else {}),  # none: no key, so earlier comparison ids stay
     }
 
 

@@ -196,3 +196,38 @@ def test_plots_of_other_settings_get_their_own_files(tmp_path: Path) -> None:
     comparisons = {row["comparison"] for row in load_rows(tmp_path)}
     names = sorted(path.name for path in tmp_path.glob("*vs_budget.png"))
     assert len(comparisons) == 2 and names == sorted(f"arc__acc__tiny-llama__{c}__vs_budget.png" for c in comparisons)
+
+
+def ruler_run(policy: str, budget: int | None, length: int, score: float) -> dict[str, Any]:
+    """A RULER-like run at one length: lm-eval reports -1 ('N/A' stderr) for its default length it did
+    not run, and copies the model arguments into the task metadata beside ``--metadata``'s lengths."""
+    data = results_json({"ruler_vt": {"acc": score}}, buzz_cache(policy, budget))
+    data["results"]["ruler_vt"] = {"alias": "ruler_vt", f"{length},none": score, f"{length}_stderr,none": 0.01}
+    data["higher_is_better"]["ruler_vt"] = {str(length): True, "4096": True}
+    if length != 4096:
+        data["results"]["ruler_vt"].update({"4096,none": -1, "4096_stderr,none": "N/A"})
+    metadata = {"version": 1.0, "max_seq_lengths": [length], "pretrained": "/models/tiny-llama", "dtype": "float32"}
+    data["configs"]["ruler_vt"]["metadata"] = {**metadata, "config_source": f"/somewhere/{length}.yaml"}
+    return data
+
+
+def test_runs_at_other_task_lengths_are_kept_apart_and_unrun_lengths_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two lengths of one task (``--metadata``) are two comparisons, never duplicates of each other;
+    RULER's -1 for a length it did not run is no score. Model arguments copied into the metadata and
+    the YAML's path do not split comparisons."""
+    for length, (full, buzz) in {1024: (0.9, 0.5), 2048: (0.8, 0.3)}.items():
+        write_run(tmp_path / str(length), "full", ruler_run("full", None, length, full))
+        write_run(tmp_path / str(length), "buzz", ruler_run("buzz", 64, length, buzz))
+    assert leaderboard.main([str(tmp_path)]) == 0
+    rows = load_rows(tmp_path)
+    assert sorted((row["metric"], row["policy"], row["value"]) for row in rows) == [
+        ("1024", "buzz", 0.5),
+        ("1024", "full", 0.9),
+        ("2048", "buzz", 0.3),
+        ("2048", "full", 0.8),
+    ]
+    assert find(rows, metric="2048", policy="buzz")["relative_quality"] == pytest.approx(0.375)
+    assert find(rows, metric="1024", policy="buzz")["settings"]["task_metadata"] == {"max_seq_lengths": [1024]}
+    assert "duplicate runs" not in capsys.readouterr().err
