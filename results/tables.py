@@ -78,6 +78,28 @@ def table(rows: list[dict], task: str, metrics: list[str], chat_only: bool) -> s
     return "\n".join(lines)
 
 
+RULER = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+
+
+def ruler_table(rows: list[dict]) -> str | None:
+    """The offline RULER tasks: one row per length and policy, one column per task (lm-eval's score
+    at that length, 0-1), with the samples per task."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row["task"] in RULER and row["metric"].isdigit() and row["value"] is not None:
+            key = (int(row["metric"]), row["budget"] or 0, POLICY_NAMES.index(row["policy"]), row["policy"])
+            cells.setdefault(key, {})[row["task"]] = row
+    if not cells:
+        return None
+    lines = ["| length | policy | budget | " + " | ".join(RULER) + " | n per task |", "|---:|---|---:|" + "---:|" * 7]
+    for key in sorted(cells):
+        by_task = cells[key]
+        scores = [f"{by_task[t]['value']:.2f}" if t in by_task else "" for t in RULER]
+        n = sorted({str(r["n_samples"]) for r in by_task.values()})
+        lines.append(f"| {key[0]} | {key[3]} | {key[1] or 'full'} | " + " | ".join(scores) + f" | {'/'.join(n)} |")
+    return "\n".join(lines)
+
+
 def main(path: str) -> None:
     with open(path, encoding="utf-8") as handle:
         rows = json.load(handle)["rows"]
@@ -85,6 +107,9 @@ def main(path: str) -> None:
         text = table(rows, task, metrics, chat_only)
         if text is not None:
             print(f"### {title}\n\n{text}\n")
+    text = ruler_table(rows)
+    if text is not None:
+        print(f"### RULER, offline tasks (`buzz_ruler_offline`)\n\n{text}\n")
 
 
 if __name__ == "__main__":
