@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from buzz_lm_eval.cache import build_cache
+from buzz_lm_eval.cache.compat import cache_kwargs
 from buzz_lm_eval.cache.slots import SlotStore, tail_moves
 
 from ..conftest import DEVICE, TINY, on_device, tiny_model
@@ -72,7 +73,7 @@ def test_one_kv_head_models_decode_past_the_budget(policy):
     ids = on_device(random_batch([60], seed=2)["input_ids"])
     cache = build_cache(model, policy, budget=12)
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=24, do_sample=False)
     assert out.shape[1] == 84 and all(layer.keys.shape[2] <= 12 for layer in cache.layers)
 
 
