@@ -389,6 +389,6 @@ class EvictingLayer(DynamicLayer):
         """A forward that does not evict (after_prefill): accumulate scores before the compression."""
         if self.phase == "observe":
             self.policy.observe(self.state, None if scores is None else scores.unsqueeze(2))
-            if not self.policy.accumulates:
+            if not self.policy.accumulates and self.schedule.prompt_length is None:
                 self.pending = scores  # the last prompt forward's scores, for ``compress_pending``
         self.stats.count_forward(self.stored())
