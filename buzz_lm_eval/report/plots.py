@@ -14,6 +14,7 @@ import functools
 import io
 import itertools
 import re
+import textwrap
 from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
@@ -84,8 +85,8 @@ def new_axes() -> Any:
 
 
 def finish(axes: Any, title: str, xlabel: str, ylabel: str) -> bytes:
-    """Label the axes, add grid and legend, and encode the figure as PNG."""
-    axes.set_title(title)
+    """Label the axes, add grid and legend, and encode the figure as PNG (a long title wraps)."""
+    axes.set_title("\n".join(textwrap.wrap(title, 72)), fontsize=9)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
