@@ -52,9 +52,12 @@ def new_split() -> dict:
 
 
 class ClockedLM(BuzzHFLM):
-    """``buzz_hf`` whose generation batches are split into prefill and decode time."""
+    """``buzz_hf`` whose generation batches are split into prefill and decode time (``split``,
+    restarted by ``run_one`` for each run)."""
 
-    split = new_split()
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split = new_split()
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         clock = StepClock()

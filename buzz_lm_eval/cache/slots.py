@@ -89,13 +89,15 @@ class SlotStore:
         last slot itself: nothing moves), then ``n - 1`` slots remain."""
         last = self.n - 1
         for buffer in (self._keys, self._values):
+            # the last slot copied out first: a source inside the buffer it is written into is
+            # refused by index_copy_ whenever torch can tell (one row of one KV head, e.g. Gemma 3
+            # 270M, makes it a plain slice), and would be read while written if it is the target
+            moved = buffer[:, :, last : last + 1].clone()
             if slot.shape[:2] == (1, 1):  # one row whose heads share the slot: copy along the slot axis
-                # from a copy: index_copy_ refuses a source inside its own buffer when it can tell
-                # (one row of one KV head, e.g. Gemma 3 270M, makes the last slot a plain slice)
-                buffer.index_copy_(2, slot.view(1), buffer[:, :, last : last + 1].clone())
+                buffer.index_copy_(2, slot.view(1), moved)
             else:
                 index = slot.unsqueeze(-1).expand(*buffer.shape[:2], 1, buffer.shape[-1])
-                buffer.scatter_(2, index, buffer[:, :, last : last + 1])
+                buffer.scatter_(2, index, moved)
         self.n = last
 
     def select_batch(self, indices: torch.Tensor) -> None:

