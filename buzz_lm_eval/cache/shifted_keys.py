@@ -47,15 +47,32 @@ class ShiftedKeys:
         self.key_class: torch.Tensor | None = None  # None: every slot is in run 0
         self.drops = 0  # one-token drops since the runs were cut
         self._angles: tuple[torch.Tensor, torch.Tensor] | None = None  # (lag, its back rotation)
+        self._moving: tuple[torch.Tensor, bool] | None = None  # (lag, whether any of it is non-zero)
 
     def on_append(self, new_keys: torch.Tensor, bound: int) -> None:
         """Put freshly stored keys [B, H, q, D] (a view into the store) into the last run, ``lag`` back."""
         if self.lag is None:
             return
-        self.rotation.turn_(new_keys, self.lag_angles(bound)[:, :, -1:])
+        if self.key_class is not None or self.lags(new_keys.shape[2]):
+            self.rotation.turn_(new_keys, self.lag_angles(bound)[:, :, -1:])
         if self.key_class is not None:
             last = self.key_class.new_full((*self.key_class.shape[:2], new_keys.shape[2]), self.classes - 1)
             self.key_class = torch.cat([self.key_class, last], dim=-1)
+
+    def lags(self, tokens: int) -> bool:
+        """Whether a key may lag, for a forward of ``tokens`` new tokens. In a CPU decode step a lag of
+        zero everywhere (what a sliding window's or StreamingLLM's drops leave: they rotate keys
+        but move no lag) counts as none, read once per lag tensor, so the step rotates no query and
+        no new key, the bulk of its fixed cost per layer. Elsewhere any lag counts: on an
+        accelerator the read would synchronise with the host, and a chunk's rotations are cheap
+        against its attention (and its host reads stay once per forward, ``mask_reads``)."""
+        if self.lag is None:
+            return False
+        if self.lag.device.type != "cpu" or tokens != 1:
+            return True
+        if self._moving is None or self._moving[0] is not self.lag:
+            self._moving = (self.lag, bool(self.lag.any()))
+        return self._moving[1]
 
     def lag_angles(self, bound: int) -> torch.Tensor:
         """[B, R, C, 2, rotary_dim / 2]: the rotation back by each run's lag, computed once per lag
@@ -73,7 +90,7 @@ class ShiftedKeys:
         """
         if self.key_class is not None and not (classed and query.shape[2] == 1):
             self.flush(keys, bound)
-        if self.lag is None:
+        if self.key_class is None and not self.lags(query.shape[2]):
             return query, None
         batch, heads, length, dim = query.shape
         rows = self.lag.shape[1]  # 1, or one lag per KV head: its query heads are consecutive

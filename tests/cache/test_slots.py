@@ -236,3 +236,33 @@ def test_keys_lagging_in_runs_score_as_with_one_lag(monkeypatch, policy):
     for (keys, values, kept), (keys_1, values_1, kept_1) in zip(runs[1], one[1], strict=True):
         assert torch.equal(kept, kept_1)
         assert torch.allclose(keys, keys_1, rtol=0, atol=1e-5) and torch.allclose(values, values_1, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["local", "streaming"])
+def test_decode_steps_with_no_lag_rotate_no_query_and_no_new_key(monkeypatch, policy):
+    """A sliding window's or StreamingLLM's drops leave every lag at zero: on the CPU their decode
+    steps then skip the query's and the new key's rotation (``ShiftedKeys.lags``), and the logits,
+    kept tokens and keys are exactly those of rotating by zero."""
+    from buzz_lm_eval.cache.shifted_keys import ShiftedKeys
+
+    if DEVICE.type != "cpu":
+        pytest.skip("the zero-lag read is made on the CPU only (elsewhere it would synchronise)")
+    ids = random_batch([60, 60], seed=9)["input_ids"]
+
+    def run():
+        model = tiny_model("llama", seed=6)
+        cache = build_cache(model, policy, budget=20, evict="every_forward")
+        logits = [stream(model, ids[:, :16], cache, chunk=8)]
+        logits += [stream(model, ids[:, t : t + 1], cache, chunk=1) for t in range(16, 60)]
+        return torch.cat([part[:, -1:] for part in logits], dim=1), cache
+
+    skipped, cache = run()
+    shifts = [layer.shift for layer in cache.layers]
+    assert all(shift.lag is not None and not shift.lags(1) for shift in shifts)  # the skip was taken
+    assert all(shift.lags(16) for shift in shifts)  # a chunk rotates as before
+    monkeypatch.setattr(ShiftedKeys, "lags", lambda self, tokens: self.lag is not None)
+    rotated, rotated_cache = run()
+    assert torch.equal(skipped, rotated)
+    for layer, other in zip(cache.layers, rotated_cache.layers, strict=True):
+        for mine, theirs in zip(layer.kept(), other.kept(), strict=True):
+            assert torch.equal(mine, theirs)
