@@ -196,8 +196,11 @@ def not_judged(args) -> list[str]:
         missing.append(f"batch {BATCH}")
     elif args.batch_length != 4096:
         missing.append(f"batch {BATCH} decode at 4096 (ran at {args.batch_length})")
-    missing += [f"generation at batch {b}" for b in (1, BATCH) if b not in args.gen_batches]
-    missing += [f"generation on {t}" for t in ("cnndm", "qa10") if t not in args.gen_tasks]
+    if not args.generation:
+        missing.append("generation")
+    else:
+        missing += [f"generation at batch {b}" for b in (1, BATCH) if b not in args.gen_batches]
+        missing += [f"generation on {t}" for t in ("cnndm", "qa10") if t not in args.gen_tasks]
     return [f"- not judged in this run: {', '.join(missing)}"] if missing else []
 
 
@@ -222,7 +225,7 @@ def run(args, save=lambda out: None) -> dict:
         rows = prefill_section(model, name, 1024, BATCH, args)
         out[f"prefill_1024_batch{BATCH}"], lines = rows, lines + show(prefill_lines(rows))
         save({**out, "lines": lines})
-    if args.gen_batches and args.gen_tasks:
+    if args.generation and args.gen_batches and args.gen_tasks:
         del model
         rows = [row for batch in args.gen_batches for row in generation_rows(args, batch)]
         out["generation"], lines = rows, lines + show(generation_lines(rows))

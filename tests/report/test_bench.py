@@ -343,3 +343,5 @@ def test_the_real_goals_pair_each_policy_with_both_full_caches_and_judge_every_g
     short = bench_cache.parse_args(["--decode-lengths", "4096", "--no-batch", "--gen-batches", "1"])
     [missing] = bench_real.not_judged(short)
     assert "decode at 8192" in missing and "batch 8" in missing and "generation at batch 8" in missing
+    [missing] = bench_real.not_judged(bench_cache.parse_args(["--no-generation"]))
+    assert missing == "- not judged in this run: generation"  # --no-generation leaves out every generation goal
