@@ -95,6 +95,7 @@ def test_knorm_keeps_the_lowest_key_norms_of_the_prompt():
         expected = norms.argsort(dim=-1, stable=True)[:, :10].sort(dim=-1).values
         kept = layer.kept()[2][0]
         assert torch.equal(kept[:, :10], expected) and bool((kept[:, 10] == 30).all())
+        assert layer.key_norms is None  # compressed for good: no norm is measured or kept any more
 
 
 class RecordingSnapKV(SnapKVPolicy):
