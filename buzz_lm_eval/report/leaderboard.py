@@ -313,6 +313,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--output", metavar="DIR", type=Path, help="where leaderboard.json/.md and the PNGs go (default: RESULTS_DIR)"
     )
+    parser.add_argument(
+        "--focus",
+        default="buzz",
+        choices=POLICY_ORDER[1:],
+        metavar="POLICY",
+        help="paired.md also pairs this policy with every other one at the same budget (default: buzz)",
+    )
     return parser.parse_args(argv)
 
 
@@ -327,9 +334,9 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> int:
     return write_plots(shown, out_dir, write_atomic) + write_heatmaps(rows, out_dir, write_atomic)
 
 
-def write_paired_tables(rows: list[dict[str, Any]], root: Path, out_dir: Path) -> str:
+def write_paired_tables(rows: list[dict[str, Any]], root: Path, out_dir: Path, focus: str) -> str:
     """``paired.md``/``paired.json`` beside the leaderboard; a phrase for the summary line."""
-    count = write_paired(rows, root, out_dir)
+    count = write_paired([row for row in rows if not is_cell(row)], root, out_dir, focus)  # a cell is one document
     return f", paired.md ({count} paired comparisons)" if count else ""
 
 
@@ -350,7 +357,7 @@ def main(argv: list[str]) -> int:
     out_dir = args.output or args.results_dir
     try:
         n_plots = write_outputs(rows, out_dir)
-        paired = write_paired_tables(rows, args.results_dir, out_dir)
+        paired = write_paired_tables(rows, args.results_dir, out_dir, args.focus)
     except OSError as exc:
         warn(f"could not write the leaderboard: {exc}")
         return 1

@@ -1,4 +1,4 @@
-"""Paired comparisons with the full cache, document by document: ``paired.md`` and ``paired.json``.
+"""Paired comparisons, document by document: ``paired.md`` and ``paired.json``.
 
 With 15 or 50 documents a task's mean moves by noise alone; comparing each policy with the full
 cache on the *same* documents removes the documents' own spread. For every leaderboard row that
@@ -8,6 +8,10 @@ the row gets: ``n``, the mean per-document difference (policy - full) with its s
 losses and ties, and the two-sided exact sign-test p-value over the documents that differ.
 ``bits_per_byte`` (a ``[loglikelihood, bytes]`` pair per document, aggregated over all bytes) is
 paired as each document's own bits per byte; the other perplexities are left out.
+
+A second table pairs one policy (``focus``, by default ``buzz``) with every other policy run at the
+same budget under the same comparable settings: whether BUZZ's gap to H2O on 50 questions is real
+is the question a reader asks next.
 """
 
 from __future__ import annotations
@@ -33,12 +37,21 @@ KEPT_FIELDS = (
     "kv_bytes_mean",
 )
 HEADER = ["| policy | budget | evict | n | difference | W/L/T | sign-test p |", "|---|---:|---|---:|---:|---|---:|"]
+BETWEEN_HEADER = [
+    "| budget | evict | against | its evict | n | difference | W/L/T | sign-test p |",
+    "|---:|---|---|---|---:|---:|---|---:|",
+]
 
 NOTE = (
     "difference = policy - full on the same documents (mean +- standard error of the per-document "
     "differences); W/L/T = documents where the policy scored higher / lower / the same; p = two-sided "
     "exact sign test over the documents that differ; for bits_per_byte (each document's own) lower is "
     "better, so a positive difference is a loss"
+)
+BETWEEN_NOTE = (
+    "difference = {focus} - the other policy at the same budget, on the documents both scored (mean +- "
+    "standard error); W/L/T = documents where {focus} scored higher / lower / the same; p = two-sided exact "
+    "sign test; at one budget policies under other regimes (evict) hold other peaks and means: see the leaderboard"
 )
 
 
@@ -93,31 +106,63 @@ def compare(policy: dict[int, tuple[str, float]], full: dict[int, tuple[str, flo
     }
 
 
+class SampleFiles:
+    """Per-document values of a run's samples file, read once per (run, task, metric)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._read: dict[tuple[str, str, str], dict[int, tuple[str, float]] | None] = {}
+
+    def values(self, source: str, task: str, metric: str) -> dict[int, tuple[str, float]] | None:
+        key = (source, task, metric)
+        if key not in self._read:
+            path = samples_path(self.root, source, task)
+            self._read[key] = None if path is None else per_document(path, metric)
+        return self._read[key]
+
+    def compare(self, row: dict[str, Any], other_source: str) -> dict[str, Any] | None:
+        """``compare`` of ``row``'s run with the run ``other_source`` on ``row``'s task and metric."""
+        mine = self.values(row["source"], row["task"], row["metric"])
+        other = self.values(other_source, row["task"], row["metric"])
+        return compare(mine, other) if mine and other else None
+
+
 def paired_rows(rows: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
     """One paired comparison per leaderboard row with a full-cache reference and samples on both sides."""
-    cache: dict[tuple[str, str, str], dict[int, tuple[str, float]] | None] = {}
-
-    def load(source: str, task: str, metric: str):
-        key = (source, task, metric)
-        if key not in cache:
-            path = samples_path(root, source, task)
-            cache[key] = None if path is None else per_document(path, metric)
-        return cache[key]
-
-    paired = []
+    files, paired = SampleFiles(root), []
     for row in rows:
         if row["policy"] == "full" or not row.get("full_source") or row["value"] is None:
             continue
-        mine = load(row["source"], row["task"], row["metric"])
-        full = load(row["full_source"], row["task"], row["metric"])
-        stats = compare(mine, full) if mine and full else None
+        stats = files.compare(row, row["full_source"])
         if stats is not None:
             paired.append({key: row[key] for key in KEPT_FIELDS} | {"evict": row["cache"].get("evict"), **stats})
     return paired
 
 
-def render(paired: list[dict[str, Any]]) -> str:
-    """One Markdown table per (model, task, metric, comparison)."""
+def policy_pairs(rows: list[dict[str, Any]], root: Path, focus: str) -> list[dict[str, Any]]:
+    """``focus`` against every other policy at the same budget and comparable settings (same
+    ``comparison``), on the documents both runs scored: difference = focus - other."""
+    files, groups = SampleFiles(root), {}
+    for row in rows:
+        if row["budget"] is not None and row["value"] is not None:
+            key = (row["model"], row["task"], row["metric"], row["comparison"], row["budget"])
+            groups.setdefault(key, []).append(row)
+    paired = []
+    for members in groups.values():
+        for mine in (row for row in members if row["policy"] == focus):
+            for other in (row for row in members if row["policy"] != focus):
+                stats = files.compare(mine, other["source"])
+                if stats is not None:
+                    paired.append(
+                        {key: mine[key] for key in KEPT_FIELDS if key != "full_source"}
+                        | {"evict": mine["cache"].get("evict"), "against": other["policy"]}
+                        | {"against_evict": other["cache"].get("evict"), "against_source": other["source"], **stats}
+                    )
+    return paired
+
+
+def render(paired: list[dict[str, Any]], between: list[dict[str, Any]] | None = None, focus: str = "buzz") -> str:
+    """One Markdown table per (model, task, metric, comparison); then ``focus`` against the others."""
     lines = ["# Paired comparisons with the full cache", "", NOTE, ""]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in paired:
@@ -132,13 +177,29 @@ def render(paired: list[dict[str, Any]]) -> str:
                 f"{row['sign_test_p']:.3g} |"
             )
         lines.append("")
+    if between:
+        lines += [f"# {focus} against the other policies at the same budget", "", BETWEEN_NOTE.format(focus=focus), ""]
+        groups = {}
+        for row in between:
+            groups.setdefault((row["model"], row["task"], row["metric"], row["comparison"]), []).append(row)
+        for (model, task, metric, comparison), members in groups.items():
+            lines += [f"## {task}, {metric} ({model}, comparison {comparison})", "", *BETWEEN_HEADER]
+            for row in members:
+                stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
+                lines.append(
+                    f"| {row['budget']} | {row['evict']} | {row['against']} | {row['against_evict']} | {row['n']} | "
+                    f"{row['mean_difference']:+.4f}{stderr} | {row['wins']}/{row['losses']}/{row['ties']} | "
+                    f"{row['sign_test_p']:.3g} |"
+                )
+            lines.append("")
     return "\n".join(lines)
 
 
-def write_paired(rows: list[dict[str, Any]], root: Path, out_dir: Path) -> int:
+def write_paired(rows: list[dict[str, Any]], root: Path, out_dir: Path, focus: str = "buzz") -> int:
     """Write ``paired.json`` and ``paired.md`` when any comparison could be paired; their count."""
-    paired = paired_rows(rows, root)
-    if paired:
-        write_atomic(out_dir / "paired.json", json.dumps({"note": NOTE, "rows": paired}, indent=2) + "\n")
-        write_atomic(out_dir / "paired.md", render(paired))
-    return len(paired)
+    paired, between = paired_rows(rows, root), policy_pairs(rows, root, focus)
+    if paired or between:
+        table = {"note": NOTE, "rows": paired, "focus": focus, "between_note": BETWEEN_NOTE.format(focus=focus)}
+        write_atomic(out_dir / "paired.json", json.dumps({**table, "between": between}, indent=2) + "\n")
+        write_atomic(out_dir / "paired.md", render(paired, between, focus))
+    return len(paired) + len(between)

@@ -30,7 +30,7 @@ STAT_FIELDS = (
     "tokens_per_second",
 )
 RESULTS_HEAD = re.compile(rb'^\s*\{\s*"results"\s*:')
-OWN_OUTPUTS = frozenset({"leaderboard.json"})
+OWN_OUTPUTS = frozenset({"leaderboard.json", "paired.json"})
 
 
 class SkipFile(Exception):

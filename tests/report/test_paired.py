@@ -16,13 +16,16 @@ DATE = "2025-01-01T00-00-00"
 
 
 def write_run(root: Path, name: str, policy: str, budget: int | None, scores: list[float]) -> None:
-    """A results file whose task ``qa`` scored ``scores`` (per document), with its samples file."""
+    """A results file whose task ``qa`` scored ``scores`` (per document), with its samples file; one
+    heatmap cell metric (``acc_L64_D0``, the first document's) beside it."""
     folder = root / name
     folder.mkdir(parents=True)
     mean = sum(scores) / len(scores)
     data = results_json({"qa": {"acc": mean}}, cache=buzz_cache(policy, budget))
+    data["results"]["qa"]["acc_L64_D0,none"] = scores[0]
+    data["higher_is_better"]["qa"]["acc_L64_D0"] = True
     (folder / f"results_{DATE}.json").write_text(json.dumps(data), encoding="utf-8")
-    lines = [json.dumps({"doc_id": i, "doc_hash": f"h{i}", "acc": s}) for i, s in enumerate(scores)]
+    lines = [json.dumps({"doc_id": i, "doc_hash": f"h{i}", "acc": s, "acc_L64_D0": s}) for i, s in enumerate(scores)]
     (folder / f"samples_qa_{DATE}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -56,6 +59,8 @@ def test_the_leaderboard_writes_paired_comparisons(tmp_path, capsys):
     )
     assert row["mean_difference"] == pytest.approx(-0.3) and row["sign_test_p"] == pytest.approx(0.25)
     assert "| buzz | 64 | None | 10 | -0.3000 ± 0.1528 | 0/3/7 | 0.25 |" in (root / "paired.md").read_text()
+    assert leaderboard.main([str(root)]) == 0  # its own paired.json is not read back, nor warned about
+    assert "paired.json" not in capsys.readouterr().err
 
 
 def test_bits_per_byte_pairs_each_documents_own_bits_per_byte(tmp_path):
@@ -72,3 +77,30 @@ def test_bits_per_byte_pairs_each_documents_own_bits_per_byte(tmp_path):
     values = per_document(path, "bits_per_byte")
     assert values[0] == ("a", pytest.approx(2.0)) and values[1] == ("b", pytest.approx(0.5))
     assert per_document(path, "word_perplexity") == {}
+
+
+def test_the_focus_policy_is_paired_with_every_other_policy_at_its_budget(tmp_path):
+    """paired.md's second table: buzz against each other policy run at the same budget, on the same
+    documents (difference = buzz - other); other budgets, the full cache and heatmap cells (one
+    document each) are not paired with it."""
+    root = tmp_path / "runs"
+    write_run(root, "full", "full", None, [1] * 8)
+    write_run(root, "buzz_b64", "buzz", 64, [0, 0, 0, 0, 1, 1, 1, 1])
+    write_run(root, "h2o_b64", "h2o", 64, [1, 1, 1, 1, 1, 1, 1, 0])  # buzz loses 4, wins 1
+    write_run(root, "h2o_b128", "h2o", 128, [1] * 8)  # another budget: not paired with buzz at 64
+    assert leaderboard.main([str(root)]) == 0
+    [pair] = json.loads((root / "paired.json").read_text())["between"]
+    assert (pair["policy"], pair["budget"], pair["against"], pair["n"]) == ("buzz", 64, "h2o", 8)
+    assert (pair["wins"], pair["losses"], pair["ties"]) == (1, 4, 3)
+    assert pair["mean_difference"] == pytest.approx(-3 / 8) and pair["sign_test_p"] == pytest.approx(0.375)
+    assert "# buzz against the other policies at the same budget" in (root / "paired.md").read_text()
+    assert leaderboard.main([str(root), "--focus", "h2o"]) == 0
+    between = json.loads((root / "paired.json").read_text())["between"]
+    assert [(row["policy"], row["against"]) for row in between] == [("h2o", "buzz")]
+
+
+def test_an_unknown_focus_policy_is_named_with_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        leaderboard.main([str(tmp_path), "--focus", "bzz"])
+    err = capsys.readouterr().err
+    assert "'bzz'" in err and "h2o" in err and "buzz" in err
