@@ -46,6 +46,7 @@ def table(rows: list[dict], task: str, metrics: list[str], chat_only: bool) -> s
         "KV mean (MiB)",
         "kept mean",
         "n",
+        "batch",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|---:|---|" + "---:|" * (len(head) - 3)]
     order = lambda key: (key[1] or 0, POLICY_NAMES.index(key[0]), str(key[2]))  # noqa: E731
@@ -71,6 +72,7 @@ def table(rows: list[dict], task: str, metrics: list[str], chat_only: bool) -> s
                     f"{first['kv_bytes_mean'] / MIB:.1f}",
                     f"{first['kept_tokens_mean']:.0f}",
                     str(first["n_samples"]),
+                    str(first.get("batch_size")),
                 ]
             )
             + " |"

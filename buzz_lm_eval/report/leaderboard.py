@@ -218,6 +218,7 @@ def entry_rows(run: Run, task: str, settings: dict[str, Any], name: str) -> Iter
             **stats,
             "stats_scope": scope,
             "n_samples": sample_count(run.data, task),
+            "batch_size": (run.data.get("config") or {}).get("batch_size"),
             "source": run.source,
             "model_id": asdict(run.model),
             "settings": settings,
@@ -298,7 +299,27 @@ def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
         row for run, task, settings in newest_entries(runs) for row in entry_rows(run, task, settings, names[run.model])
     ]
     add_relative_quality(rows)
+    note_mixed_batches(rows)
     return sorted(rows, key=row_order)
+
+
+def note_mixed_batches(rows: list[dict[str, Any]]) -> None:
+    """Say so on every row of a comparison whose runs used different batch sizes: quality does not
+    depend on the batch (``buzz_hf`` gives each row what it gives alone), but the memory statistics
+    hold each batch's padding (a short prompt padded to its batch's longest, rows that finished
+    generating while others went on), so those columns compare only runs of one batch size."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(itemgetter("task", "metric", "filter", "comparison")(row), []).append(row)
+    for members in groups.values():
+        sizes = sorted({canonical(row["batch_size"]) for row in members})
+        if len(sizes) > 1:
+            note = (
+                f"batch sizes {', '.join(sizes)} in one table: KV bytes, kept tokens and compression "
+                "count each batch's padding"
+            )
+            for row in members:
+                row["notes"].append(note)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -58,6 +58,7 @@ def markdown_row(row: Row, cache_keys: list[str], shared: list[str]) -> str:
         row["policy"],
         "full" if row["budget"] is None else str(row["budget"]),
         *cache,
+        compact(row.get("batch_size")),
         fmt(row["value"], ".4f"),
         fmt(row["stderr"], ".4f"),
         fmt(row["relative_quality"], ".3f"),
@@ -98,6 +99,7 @@ def markdown_section(rows: list[Row]) -> str:
         "policy",
         "budget",
         *(["cache settings"] if cache_keys else []),
+        "batch",
         first["metric"],
         "± stderr",
         "rel. quality",
@@ -110,7 +112,7 @@ def markdown_section(rows: list[Row]) -> str:
         "n",
         "notes",
     ]
-    aligns = ["---", "---", "---:", *(["---"] if cache_keys else []), *["---:"] * 10, "---"]
+    aligns = ["---", "---", "---:", *(["---"] if cache_keys else []), *["---:"] * 11, "---"]
     lines = [
         f"### {first['task']} · {first['metric']} (filter {first['filter']}{direction})",
         "",

@@ -192,6 +192,7 @@ def test_row_schema_and_values(sweep: Path, tmp_path: Path) -> None:
         "tokens_per_second": 1000.0,
         "stats_scope": "run",
         "n_samples": 50,
+        "batch_size": 1,
         "source": "buzz_b64/__models__tiny-llama/results_2025-01-01T00-00-00.json",
         "model_id": {"path": "/models/tiny-llama", "revision": "main", "sha": None, "peft": None, "delta": None},
         "settings": settings,
@@ -243,12 +244,15 @@ def test_markdown_table(sweep: Path) -> None:
     assert "### wiki · word_perplexity (filter none, lower is better)" in text
     note = "  |"
     full = (
-        "| tiny-llama | full | full | 0.8000 | 0.0080 | 1.000 | 1.00× | 4.0 MiB | 3.5 MiB | 4096 | 3686 | 1000.0 | 50 |"
+        "| tiny-llama | full | full | 1 | 0.8000 | 0.0080 | 1.000 | 1.00× | 4.0 MiB | 3.5 MiB | 4096 | 3686 | "
+        "1000.0 | 50 |"
     )
     buzz64 = (
-        "| tiny-llama | buzz | 64 | 0.6000 | 0.0060 | 0.750 | 64.00× | 64.0 KiB | 56.2 KiB | 64 | 58 | 1000.0 | 50 |"
+        "| tiny-llama | buzz | 64 | 1 | 0.6000 | 0.0060 | 0.750 | 64.00× | 64.0 KiB | 56.2 KiB | 64 | 58 | "
+        "1000.0 | 50 |"
     )
-    local128 = "| tiny-llama | local | 128 | 0.6400 | 0.0064 | 0.800 | 32.00× | 128.0 KiB | 112.5 KiB | 128 | 115 | "
+    local128 = "| tiny-llama | local | 128 | 1 | 0.6400 | 0.0064 | 0.800 | 32.00× | 128.0 KiB | 112.5 KiB | 128 | "
+    local128 += "115 | "
     local128 += "1000.0 | 50 |"
     full, buzz64, local128 = full + note, buzz64 + note, local128 + note
     assert "tiny-llama (`/models/tiny-llama`, revision main) · dtype torch.float32 · task_version 1.0" in text

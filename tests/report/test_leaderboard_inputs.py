@@ -75,7 +75,7 @@ def test_non_utf8_file_names_are_named_and_read(tmp_path: Path, capsys: pytest.C
     )
     row = find(load_rows(tmp_path), policy="buzz")
     assert row["source"].startswith("buzz\\xff/") and row["relative_quality"] == pytest.approx(0.5)
-    assert "| buzz | 64 | 0.4000 |" in (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
+    assert "| buzz | 64 | 1 | 0.4000 |" in (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
 
 
 def test_nan_and_infinite_values_stay_visible(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,7 +183,7 @@ def test_every_cache_setting_is_carried_and_tells_runs_apart(tmp_path: Path) -> 
     assert (shifted["cache"]["positions"], original["cache"]["positions"]) == ("shifted", "original")
     assert (shifted["relative_quality"], original["relative_quality"]) == (pytest.approx(0.75), pytest.approx(0.5))
     text = (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
-    assert "| cache settings |" in text and "| buzz | 64 | positions=shifted | 0.6000 |" in text
+    assert "| cache settings |" in text and "| buzz | 64 | positions=shifted | 1 | 0.6000 |" in text
 
 
 def test_plots_of_other_settings_get_their_own_files(tmp_path: Path) -> None:
@@ -231,3 +231,24 @@ def test_runs_at_other_task_lengths_are_kept_apart_and_unrun_lengths_left_out(
     assert find(rows, metric="2048", policy="buzz")["relative_quality"] == pytest.approx(0.375)
     assert find(rows, metric="1024", policy="buzz")["settings"]["task_metadata"] == {"max_seq_lengths": [1024]}
     assert "duplicate runs" not in capsys.readouterr().err
+
+
+def test_a_table_of_several_batch_sizes_says_its_memory_columns_count_padding(tmp_path: Path) -> None:
+    """Quality does not depend on the batch size, so runs at 1 and 8 share a table and the full cache's
+    relative quality; their memory statistics hold each batch's padding, and every row says so."""
+    write_run(tmp_path, "full", results_json({"arc": {"acc": 0.8}}, buzz_cache("full", None)))
+    batched = results_json({"arc": {"acc": 0.6}}, buzz_cache("buzz", 64))
+    batched["config"]["batch_size"] = 8
+    write_run(tmp_path, "buzz_b64", batched)
+    write_run(tmp_path, "h2o_b64", results_json({"arc": {"acc": 0.7}}, buzz_cache("h2o", 64)))
+    assert leaderboard.main([str(tmp_path)]) == 0
+    rows = load_rows(tmp_path)
+    buzz = find(rows, policy="buzz")
+    assert buzz["batch_size"] == 8 and buzz["relative_quality"] == pytest.approx(0.75)
+    note = "batch sizes 1, 8 in one table: KV bytes, kept tokens and compression count each batch's padding"
+    assert all(note in row["notes"] for row in rows)
+    table = (tmp_path / "leaderboard.md").read_text(encoding="utf-8")
+    assert f"Every row: {note}." in table and "| tiny-llama | buzz | 64 | 8 | 0.6000 |" in table
+    write_run(tmp_path, "buzz_b64", results_json({"arc": {"acc": 0.6}}, buzz_cache("buzz", 64)))  # now batch 1
+    assert leaderboard.main([str(tmp_path)]) == 0
+    assert not any("batch sizes" in note for row in load_rows(tmp_path) for note in row["notes"])
