@@ -164,35 +164,31 @@ def policy_pairs(rows: list[dict[str, Any]], root: Path, focus: str) -> list[dic
 def render(paired: list[dict[str, Any]], between: list[dict[str, Any]] | None = None, focus: str = "buzz") -> str:
     """One Markdown table per (model, task, metric, comparison); then ``focus`` against the others."""
     lines = ["# Paired comparisons with the full cache", "", NOTE, ""]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in paired:
-        groups.setdefault((row["model"], row["task"], row["metric"], row["comparison"]), []).append(row)
-    for (model, task, metric, comparison), members in groups.items():
-        lines += [f"## {task}, {metric} ({model}, comparison {comparison})", "", *HEADER]
-        for row in members:
-            stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
-            lines.append(
-                f"| {row['policy']} | {row['budget']} | {row['evict']} | {row['n']} | "
-                f"{row['mean_difference']:+.4f}{stderr} | {row['wins']}/{row['losses']}/{row['ties']} | "
-                f"{row['sign_test_p']:.3g} |"
-            )
-        lines.append("")
+    lines += sections(paired, HEADER, lambda row: [row["policy"], row["budget"], row["evict"]])
     if between:
         lines += [f"# {focus} against the other policies at the same budget", "", BETWEEN_NOTE.format(focus=focus), ""]
-        groups = {}
-        for row in between:
-            groups.setdefault((row["model"], row["task"], row["metric"], row["comparison"]), []).append(row)
-        for (model, task, metric, comparison), members in groups.items():
-            lines += [f"## {task}, {metric} ({model}, comparison {comparison})", "", *BETWEEN_HEADER]
-            for row in members:
-                stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
-                lines.append(
-                    f"| {row['budget']} | {row['evict']} | {row['against']} | {row['against_evict']} | {row['n']} | "
-                    f"{row['mean_difference']:+.4f}{stderr} | {row['wins']}/{row['losses']}/{row['ties']} | "
-                    f"{row['sign_test_p']:.3g} |"
-                )
-            lines.append("")
+        lines += sections(
+            between, BETWEEN_HEADER, lambda row: [row["budget"], row["evict"], row["against"], row["against_evict"]]
+        )
     return "\n".join(lines)
+
+
+def sections(rows: list[dict[str, Any]], header: list[str], leading) -> list[str]:
+    """A heading and a table per (model, task, metric, comparison): each row's ``leading(row)``
+    cells, then n, the mean difference with its standard error, W/L/T and the sign-test p."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["task"], row["metric"], row["comparison"]), []).append(row)
+    lines = []
+    for (model, task, metric, comparison), members in groups.items():
+        lines += [f"## {task}, {metric} ({model}, comparison {comparison})", "", *header]
+        for row in members:
+            stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
+            cells = [*leading(row), row["n"], f"{row['mean_difference']:+.4f}{stderr}"]
+            cells += [f"{row['wins']}/{row['losses']}/{row['ties']}", f"{row['sign_test_p']:.3g}"]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+        lines.append("")
+    return lines
 
 
 def write_paired(rows: list[dict[str, Any]], root: Path, out_dir: Path, focus: str = "buzz") -> int:
