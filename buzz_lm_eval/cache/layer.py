@@ -86,8 +86,8 @@ class EvictingLayer(DynamicLayer):
         if self.order is not None:
             self.order = torch.cat([self.order, self._span(before, new, self.order)], dim=-1)
         if self.policy.signal == "key_norm":  # a key's norm is its own: measured once, before any re-rotation
-            if self.schedule.mode == "after_prefill" and self.schedule.compressed:
-                self.key_norms = None  # compressed: no eviction reads a norm again
+            if self.schedule.compressed:  # after_prefill's one compression is done: no eviction reads a norm again
+                self.key_norms = None
             else:
                 norms = torch.linalg.vector_norm(key_states, dim=-1, dtype=torch.float32)  # [B, H, new]
                 self.key_norms = norms if self.key_norms is None else torch.cat([self.key_norms, norms], dim=-1)

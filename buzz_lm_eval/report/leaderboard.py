@@ -38,6 +38,7 @@ from typing import Any
 
 from buzz_lm_eval.harness.files import write_atomic
 from buzz_lm_eval.report.heatmaps import is_cell, write_heatmaps
+from buzz_lm_eval.report.leaderboard_md import GROUP_FIELDS
 from buzz_lm_eval.report.paired import write_paired
 from buzz_lm_eval.report.plots import write_plots
 from buzz_lm_eval.report.results_reader import (
@@ -310,7 +311,7 @@ def note_mixed_batches(rows: list[dict[str, Any]]) -> None:
     generating while others went on), so those columns compare only runs of one batch size."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(itemgetter("task", "metric", "filter", "comparison")(row), []).append(row)
+        groups.setdefault(itemgetter(*GROUP_FIELDS)(row), []).append(row)  # one leaderboard.md table
     for members in groups.values():
         sizes = sorted({canonical(row["batch_size"]) for row in members})
         if len(sizes) > 1:
