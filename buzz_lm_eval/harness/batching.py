@@ -1,4 +1,4 @@
-"""Request batching helpers of ``buzz_hf``: grouped runs, temporary settings, end-aligned prefill chunks."""
+"""Request batching helpers of ``buzz_hf``: grouped runs and temporary settings."""
 
 from __future__ import annotations
 
@@ -29,14 +29,3 @@ def in_groups(items: list, key, run, longest_first: bool = False) -> list:
         for i, output in zip(members, run(group, [items[i] for i in members]), strict=True):
             results[i] = output
     return results
-
-
-def chunk_bounds(width: int, chunk: int) -> list[tuple[int, int]]:
-    """The ``[start, end)`` prefill chunks of a ``width``-token prompt that come before its last
-    ``chunk`` tokens, cut from the prompt's end (the first chunk takes the remainder).
-
-    Left-padded rows share the prompts' end, so with boundaries a whole number of chunks before the
-    end every row meets the same boundaries (and evictions) in any batch as alone.
-    """
-    ends = list(range(width - chunk, 0, -chunk))[::-1]
-    return list(zip([0, *ends[:-1]], ends, strict=True)) if ends else []

@@ -36,10 +36,11 @@ from tqdm import tqdm
 
 from ..cache import build_cache
 from ..cache.compat import cache_kwargs
-from .batching import chunk_bounds, in_groups, temporarily
+from .batching import in_groups, temporarily
 from .model_args import SIZE_KEYS, check_args, check_stats_file, plan_cache, pop_sizes
 from .offline_models import resolve, source_of
 from .paths import DEFAULT_MODEL_DIR
+from .prefill import prefill_head
 from .row_texts import RowTexts, sha1
 from .run_stats import RunStats, full_cache_stats
 
@@ -331,39 +332,16 @@ class BuzzHFLM(HFLM):
             )
             generation_kwargs.update(cache_kwargs(self.model, cache))
             if self.prefill_chunk is not None:
-                self.prefill_head(context, generation_kwargs.get("attention_mask"), cache)
+                with self.inference():
+                    prefill_head(
+                        self.model, context, generation_kwargs.get("attention_mask"), cache, self.prefill_chunk
+                    )
         out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         seconds = time.perf_counter() - start
         seen = out.shape[1] - 1
         texts = getattr(self, "_batch_texts", [])
         self.record("generate_until", cache, out.shape[0], seen, out.numel() - out.shape[0], seconds, texts)
         return out
-
-    def prefill_head(self, context: torch.Tensor, mask: torch.Tensor | None, cache) -> None:
-        """Feed the prompt, all but its last ``prefill_chunk`` tokens, through ``cache`` in chunks cut
-        from its end (``chunk_bounds``); ``generate`` then reads the last chunk and decodes.
-
-        ``generate(prefill_chunk_size=...)`` would cut from the first column, so a row's boundaries
-        would move with its padding. Positions are the ones ``generate`` gives: real tokens count
-        from 0 in each row.
-        """
-        bounds = chunk_bounds(context.shape[1], self.prefill_chunk)
-        if not bounds:
-            return
-        mask = torch.ones_like(context) if mask is None else mask
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        forward = cache_kwargs(self.model, cache)
-        if self.model._supports_logits_to_keep():  # nothing reads these chunks' logits (as generate skips them)
-            forward["logits_to_keep"] = 1
-        with self.inference():
-            for begin, end in bounds:
-                self.model(
-                    input_ids=context[:, begin:end],
-                    attention_mask=mask[:, :end],
-                    position_ids=positions[:, begin:end],
-                    **forward,
-                )
-        cache.hand_over()
 
     def inference(self) -> contextlib.ExitStack:
         """No gradients, and HFLM's autocast when it runs in mixed precision."""
@@ -419,18 +397,11 @@ class BuzzHFLM(HFLM):
         entry = self.run_stats.add(stats, rows, tokens, seconds)
         self.task_stats.setdefault((task, kind), RunStats()).add(stats, rows, tokens, seconds)
         if self.stats_file and self.rank == 0:
-            identity = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
-            entry = {
-                "request_type": kind,
-                "task": task,
-                "policy": self.policy.name,
-                "cache": self.cache_settings(),
-                **identity,
-                **entry,
-            }
             if isinstance(contexts, torch.Tensor):
-                entry["context_sha1"] = self._row_texts.of_rows(contexts)
+                rows_sha1 = self._row_texts.of_rows(contexts)
             else:
-                entry["context_sha1"] = [sha1(text) for text in contexts]
+                rows_sha1 = [sha1(text) for text in contexts]
+            line = {"request_type": kind, "task": task, "policy": self.policy.name, "cache": self.cache_settings()}
+            line.update(time=time.time(), host=socket.gethostname(), pid=os.getpid(), **entry, context_sha1=rows_sha1)
             with open(self.stats_file, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
+                handle.write(json.dumps(line) + "\n")
