@@ -2,9 +2,11 @@
 
     python results/tables.py results/SmolLM2-135M-Instruct/leaderboard.json
 
-One table per task: every policy, budget and regime with each metric's value and standard error,
-its value relative to the full cache, KV memory at peak and on average, and n. Runs without the
-chat template (the prompt-choice evidence) are left out of the summarisation and QA tables.
+First an overview: each main policy, in its published regime, as a percentage of the full
+cache's score, per task and budget. Then one table per task: every policy, budget and regime with
+each metric's value and standard error, its value relative to the full cache, KV memory at peak
+and on average, and n. Runs without the chat template (the prompt-choice evidence) are left out
+of the summarisation and QA tables.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from buzz_lm_eval.policies import POLICY_NAMES
+from buzz_lm_eval.policies import POLICY_NAMES, policy_class
 
 TASKS = {  # task: (title, metrics, runs with the chat template only)
     "buzz_cnndm_smoke": ("CNN/DM (`buzz_cnndm_smoke`, 15 articles)", ["rouge1", "rouge2", "rougeL"], True),
@@ -23,6 +25,52 @@ TASKS = {  # task: (title, metrics, runs with the chat template only)
     "buzz_wikitext_smoke": ("WikiText-2 (`buzz_wikitext_smoke`, first 20 articles)", ["bits_per_byte"], False),
 }
 MIB = 2**20
+MAIN = ("local", "streaming", "h2o", "buzz", "snapkv", "tova")  # the policies run at every budget
+OVERVIEW_NOTE = (
+    "Each policy in its published regime, all at the same budget: the same peak KV memory, except snapkv,\n"
+    "which holds the whole prompt until it compresses it (compare it by mean memory, in the tables below).\n"
+    "Bold: the best of the row. ± is the standard error of the policy's score, in percent of the full\n"
+    "cache's; whether two policies differ on the same documents is in `paired.md`."
+)
+SHORT = {"buzz_cnndm_smoke": "CNN/DM", "buzz_xsum_200": "XSum", "buzz_wikitext_smoke": "WikiText bpb"}
+
+
+def overview(rows: list[dict]) -> str:
+    """Rows (task, budget), columns the main policies in their published regimes: the policy's score
+    as a percentage of the full cache's (for bits per byte, the full cache's over the policy's),
+    with the standard error of the policy's score in the same units where lm-eval gives one."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        metrics, chat_only = TASKS.get(row["task"], (None, [None], False))[1:]
+        if row["metric"] != metrics[0] or row["policy"] not in MAIN or row["relative_quality"] is None:
+            continue
+        if (chat_only and not row["settings"].get("chat_template")) or row["cache"].get("evict") != policy_class(
+            row["policy"]
+        ).default_evict:
+            continue
+        cells.setdefault((list(TASKS).index(row["task"]), row["budget"]), {})[row["policy"]] = row
+    lines = ["| task | budget | full | n | " + " | ".join(MAIN) + " |", "|---|---:|---:|---:|" + "---:|" * len(MAIN)]
+    for index, budget in sorted(cells):
+        task = list(TASKS)[index]
+        by_policy = cells[(index, budget)]
+        best = max(row["relative_quality"] for row in by_policy.values())
+        shown = []
+        for policy in MAIN:
+            row = by_policy.get(policy)
+            if row is None:
+                shown.append("")
+                continue
+            if isinstance(row.get("stderr"), float) and row["higher_is_better"]:
+                text = f"{100 * row['relative_quality']:.0f} ± {100 * row['stderr'] / row['full_value']:.0f}"
+            else:  # no standard error (perplexities): one more digit, as the gaps are small
+                text = f"{100 * row['relative_quality']:.1f}"
+            shown.append(f"**{text}**" if row["relative_quality"] == best else text)
+        first = next(iter(by_policy.values()))
+        name = SHORT.get(task, task.replace("buzz_10qa_smoke_gold", "QA gold "))
+        lines.append(
+            f"| {name} | {budget} | {first['full_value']:.3f} | {first['n_samples']} | " + " | ".join(shown) + " |"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], task: str, metrics: list[str], chat_only: bool) -> str | None:
@@ -105,6 +153,7 @@ def ruler_table(rows: list[dict]) -> str | None:
 def main(path: str) -> None:
     with open(path, encoding="utf-8") as handle:
         rows = json.load(handle)["rows"]
+    print(f"### Overview: percent of the full cache's score\n\n{overview(rows)}\n\n{OVERVIEW_NOTE}\n")
     for task, (title, metrics, chat_only) in TASKS.items():
         text = table(rows, task, metrics, chat_only)
         if text is not None:
