@@ -44,13 +44,13 @@ BETWEEN_HEADER = [
 
 NOTE = (
     "difference = policy - full on the same documents (mean +- standard error of the per-document "
-    "differences); W/L/T = documents where the policy scored higher / lower / the same; p = two-sided "
-    "exact sign test over the documents that differ; for bits_per_byte (each document's own) lower is "
-    "better, so a positive difference is a loss"
+    "differences); W/L/T = documents where the policy did better / worse / the same (for bits_per_byte, "
+    "each document's own, lower is better: a positive difference is a loss); p = two-sided exact sign "
+    "test over the documents that differ"
 )
 BETWEEN_NOTE = (
     "difference = {focus} - the other policy at the same budget, on the documents both scored (mean +- "
-    "standard error); W/L/T = documents where {focus} scored higher / lower / the same; p = two-sided exact "
+    "standard error); W/L/T = documents where {focus} did better / worse / the same; p = two-sided exact "
     "sign test; at one budget policies under other regimes (evict) hold other peaks and means: see the leaderboard"
 )
 
@@ -86,15 +86,19 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def compare(policy: dict[int, tuple[str, float]], full: dict[int, tuple[str, float]]) -> dict[str, Any] | None:
-    """The paired statistics over documents present in both with the same hash (None: none)."""
+def compare(
+    policy: dict[int, tuple[str, float]], full: dict[int, tuple[str, float]], higher_is_better: bool = True
+) -> dict[str, Any] | None:
+    """The paired statistics over documents present in both with the same hash (None: none); wins
+    are the documents where ``policy`` did better in the metric's direction."""
     diffs = [policy[d][1] - full[d][1] for d in sorted(policy.keys() & full.keys()) if policy[d][0] == full[d][0]]
     if not diffs:
         return None
     n = len(diffs)
     mean = sum(diffs) / n
     stderr = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) if n > 1 else None
-    wins, losses = sum(x > 0 for x in diffs), sum(x < 0 for x in diffs)
+    higher, lower = sum(x > 0 for x in diffs), sum(x < 0 for x in diffs)
+    wins, losses = (higher, lower) if higher_is_better else (lower, higher)
     return {
         "n": n,
         "mean_difference": mean,
@@ -124,7 +128,7 @@ class SampleFiles:
         """``compare`` of ``row``'s run with the run ``other_source`` on ``row``'s task and metric."""
         mine = self.values(row["source"], row["task"], row["metric"])
         other = self.values(other_source, row["task"], row["metric"])
-        return compare(mine, other) if mine and other else None
+        return compare(mine, other, row.get("higher_is_better") is not False) if mine and other else None
 
 
 def paired_rows(rows: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:

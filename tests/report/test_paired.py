@@ -15,7 +15,9 @@ from .test_leaderboard import buzz_cache, results_json
 DATE = "2025-01-01T00-00-00"
 
 
-def write_run(root: Path, name: str, policy: str, budget: int | None, scores: list[float]) -> None:
+def write_run(
+    root: Path, name: str, policy: str, budget: int | None, scores: list[float], higher_is_better: bool = True
+) -> None:
     """A results file whose task ``qa`` scored ``scores`` (per document), with its samples file; one
     heatmap cell metric (``acc_L64_D0``, the first document's) beside it."""
     folder = root / name
@@ -24,6 +26,7 @@ def write_run(root: Path, name: str, policy: str, budget: int | None, scores: li
     data = results_json({"qa": {"acc": mean}}, cache=buzz_cache(policy, budget))
     data["results"]["qa"]["acc_L64_D0,none"] = scores[0]
     data["higher_is_better"]["qa"]["acc_L64_D0"] = True
+    data["higher_is_better"]["qa"]["acc"] = higher_is_better
     (folder / f"results_{DATE}.json").write_text(json.dumps(data), encoding="utf-8")
     lines = [json.dumps({"doc_id": i, "doc_hash": f"h{i}", "acc": s, "acc_L64_D0": s}) for i, s in enumerate(scores)]
     (folder / f"samples_qa_{DATE}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -39,6 +42,15 @@ def test_compare_pairs_documents_with_the_same_hash_only():
     stats = compare({0: ("a", 1.0), 1: ("b", 0.0), 2: ("c", 0.5)}, {0: ("a", 0.0), 1: ("b", 1.0), 2: ("x", 0.5)})
     assert (stats["n"], stats["wins"], stats["losses"], stats["ties"]) == (2, 1, 1, 0)
     assert stats["mean_difference"] == 0.0 and stats["stderr"] == pytest.approx(1.0)
+
+
+def test_wins_are_documents_where_the_policy_did_better_in_the_metrics_direction():
+    """For a lower-is-better metric (bits per byte) a lower value wins; the difference keeps its sign."""
+    policy, full = {0: ("a", 0.9), 1: ("b", 1.2), 2: ("c", 1.1)}, {0: ("a", 1.0), 1: ("b", 1.0), 2: ("c", 1.0)}
+    higher = compare(policy, full)
+    lower = compare(policy, full, higher_is_better=False)
+    assert (higher["wins"], higher["losses"]) == (2, 1) and (lower["wins"], lower["losses"]) == (1, 2)
+    assert lower["mean_difference"] == pytest.approx(higher["mean_difference"]) == pytest.approx(0.2 / 3)
 
 
 def test_the_leaderboard_writes_paired_comparisons(tmp_path, capsys):
@@ -61,6 +73,15 @@ def test_the_leaderboard_writes_paired_comparisons(tmp_path, capsys):
     assert "| buzz | 64 | None | 10 | -0.3000 ± 0.1528 | 0/3/7 | 0.25 |" in (root / "paired.md").read_text()
     assert leaderboard.main([str(root)]) == 0  # its own paired.json is not read back, nor warned about
     assert "paired.json" not in capsys.readouterr().err
+
+
+def test_the_leaderboard_counts_a_lower_value_of_a_lower_is_better_metric_as_a_win(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "full", "full", None, [1.0, 1.0, 1.0, 1.0], higher_is_better=False)
+    write_run(root, "buzz_b64", "buzz", 64, [1.5, 1.2, 0.9, 1.0], higher_is_better=False)
+    assert leaderboard.main([str(root)]) == 0
+    [row] = json.loads((root / "paired.json").read_text())["rows"]
+    assert (row["wins"], row["losses"], row["ties"]) == (1, 2, 1) and row["mean_difference"] == pytest.approx(0.15)
 
 
 def test_bits_per_byte_pairs_each_documents_own_bits_per_byte(tmp_path):
