@@ -35,23 +35,32 @@ OVERVIEW_NOTE = (
 SHORT = {"buzz_cnndm_smoke": "CNN/DM", "buzz_xsum_200": "XSum", "buzz_wikitext_smoke": "WikiText bpb"}
 
 
+def prompted(row: dict, chat_only: bool) -> bool:
+    """Whether a row belongs in its task's tables: with the chat template where the task's tables
+    keep only those runs (the plain-prompt runs are the prompt-choice evidence)."""
+    return not chat_only or bool(row["settings"].get("chat_template"))
+
+
+def in_overview(row: dict) -> bool:
+    """A main policy in its published regime, on its task's first metric, with a full-cache reference."""
+    if row["task"] not in TASKS or row["policy"] not in MAIN or row["relative_quality"] is None:
+        return False
+    _, metrics, chat_only = TASKS[row["task"]]
+    published = row["cache"].get("evict") == policy_class(row["policy"]).default_evict
+    return row["metric"] == metrics[0] and prompted(row, chat_only) and published
+
+
 def overview(rows: list[dict]) -> str:
     """Rows (task, budget), columns the main policies in their published regimes: the policy's score
     as a percentage of the full cache's (for bits per byte, the full cache's over the policy's),
     with the standard error of the policy's score in the same units where lm-eval gives one."""
+    order = list(TASKS)
     cells: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        metrics, chat_only = TASKS.get(row["task"], (None, [None], False))[1:]
-        if row["metric"] != metrics[0] or row["policy"] not in MAIN or row["relative_quality"] is None:
-            continue
-        if (chat_only and not row["settings"].get("chat_template")) or row["cache"].get("evict") != policy_class(
-            row["policy"]
-        ).default_evict:
-            continue
-        cells.setdefault((list(TASKS).index(row["task"]), row["budget"]), {})[row["policy"]] = row
+    for row in filter(in_overview, rows):
+        cells.setdefault((order.index(row["task"]), row["budget"]), {})[row["policy"]] = row
     lines = ["| task | budget | full | n | " + " | ".join(MAIN) + " |", "|---|---:|---:|---:|" + "---:|" * len(MAIN)]
     for index, budget in sorted(cells):
-        task = list(TASKS)[index]
+        task = order[index]
         by_policy = cells[(index, budget)]
         best = max(row["relative_quality"] for row in by_policy.values())
         shown = []
@@ -78,7 +87,7 @@ def table(rows: list[dict], task: str, metrics: list[str], chat_only: bool) -> s
     for row in rows:
         if row["task"] != task or row["metric"] not in metrics:
             continue
-        if chat_only and not row["settings"].get("chat_template"):
+        if not prompted(row, chat_only):
             continue
         key = (row["policy"], row["budget"], row["cache"].get("evict"))
         cells.setdefault(key, {})[row["metric"]] = row
