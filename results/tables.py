@@ -5,13 +5,16 @@
 First an overview: each main policy, in its published regime, as a percentage of the full
 cache's score, per task and budget. Then one table per task: every policy, budget and regime with
 each metric's value and standard error, its value relative to the full cache, KV memory at peak
-and on average, and n. Runs without the chat template (the prompt-choice evidence) are left out
-of the summarisation and QA tables.
+and on average, and n. Then RULER, and last, per task, every policy and regime at each budget where the remaining
+policies (or a policy's other regime) ran, with its paired comparison from the ``paired.json``
+beside the leaderboard. Runs without the chat template (the prompt-choice evidence) are left out
+of the summarisation, QA and needle tables.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from buzz_lm_eval.policies import POLICY_NAMES, policy_class
@@ -31,6 +34,12 @@ OVERVIEW_NOTE = (
     "which holds the whole prompt until it compresses it (compare it by mean memory, in the tables below).\n"
     "Bold: the best of the row. ± is the standard error of the policy's score, in percent of the full\n"
     "cache's; whether two policies differ on the same documents is in `paired.md`."
+)
+EXTRAS_NOTE = (
+    "buzz_nomax, pyramidkv, knorm and random, and snapkv, pyramidkv and tova in the regime other than their\n"
+    "published one (`(other)`), beside every policy run at the same budget. `vs full (paired)`: the mean\n"
+    "difference from the full cache on the same documents with its standard error; W/L/T: documents where\n"
+    "the policy did better / worse / the same (for bits per byte lower is better); p: two-sided exact sign test."
 )
 SHORT = {"buzz_cnndm_smoke": "CNN/DM", "buzz_xsum_200": "XSum", "buzz_wikitext_smoke": "WikiText bpb"}
 
@@ -137,6 +146,49 @@ def table(rows: list[dict], task: str, metrics: list[str], chat_only: bool) -> s
     return "\n".join(lines)
 
 
+EXTRA_TASKS = {
+    **{task: (title, metrics[0], chat) for task, (title, metrics, chat) in TASKS.items()},
+    "buzz_niah": ("Needle in a haystack (`buzz_niah`, 15 prompts)", "score", True),
+}
+
+
+def is_extra(row: dict) -> bool:
+    """A policy beyond the main six, or a main one outside its published regime."""
+    if row["policy"] == "full":
+        return False
+    return row["policy"] not in MAIN or row["cache"].get("evict") != policy_class(row["policy"]).default_evict
+
+
+def extras_table(rows: list[dict], paired: list[dict], task: str) -> str | None:
+    """Every policy at each budget of ``task`` where an extra (``is_extra``) ran: the score, the paired
+    difference with the full cache on the same documents, wins/losses, the sign test, and KV memory."""
+    _, metric, chat_only = EXTRA_TASKS[task]
+    mine = [r for r in rows if r["task"] == task and r["metric"] == metric and prompted(r, chat_only)]
+    budgets = sorted({r["budget"] for r in mine if is_extra(r)})
+    if not budgets:
+        return None
+    by_source = {p["source"]: p for p in paired if p["task"] == task and p["metric"] == metric}
+    lines = [
+        f"| budget | policy | evict | {metric} | vs full (paired) | W/L/T | p | KV peak / mean (MiB) | n |",
+        "|---:|---|---|---:|---:|---|---:|---:|---:|",
+    ]
+    order = lambda r: (r["budget"], POLICY_NAMES.index(r["policy"]), str(r["cache"].get("evict")))  # noqa: E731
+    for row in sorted((r for r in mine if r["budget"] in budgets), key=order):
+        pair = by_source.get(row["source"])
+        versus = "" if pair is None else f"{pair['mean_difference']:+.3f} ± {pair['stderr']:.3f}"
+        counts = "" if pair is None else f"{pair['wins']}/{pair['losses']}/{pair['ties']}"
+        p_value = "" if pair is None or pair["sign_test_p"] is None else f"{pair['sign_test_p']:.2g}"
+        stderr = f" ± {row['stderr']:.3f}" if isinstance(row.get("stderr"), float) else ""
+        evict = row["cache"].get("evict") or ""
+        published = evict == policy_class(row["policy"]).default_evict
+        lines.append(
+            f"| {row['budget']} | {row['policy']} | {evict}{'' if published else ' (other)'} | "
+            f"{row['value']:.3f}{stderr} | {versus} | {counts} | {p_value} | "
+            f"{row['kv_bytes_peak'] / MIB:.1f} / {row['kv_bytes_mean'] / MIB:.1f} | {row['n_samples']} |"
+        )
+    return "\n".join(lines)
+
+
 RULER = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 
 
@@ -162,6 +214,8 @@ def ruler_table(rows: list[dict]) -> str | None:
 def main(path: str) -> None:
     with open(path, encoding="utf-8") as handle:
         rows = json.load(handle)["rows"]
+    with open(os.path.join(os.path.dirname(path), "paired.json"), encoding="utf-8") as handle:
+        paired = json.load(handle)["rows"]
     print(f"### Overview: percent of the full cache's score\n\n{overview(rows)}\n\n{OVERVIEW_NOTE}\n")
     for task, (title, metrics, chat_only) in TASKS.items():
         text = table(rows, task, metrics, chat_only)
@@ -170,6 +224,11 @@ def main(path: str) -> None:
     text = ruler_table(rows)
     if text is not None:
         print(f"### RULER, offline tasks (`buzz_ruler_offline`)\n\n{text}\n")
+    print(f"### Every policy and regime at the budgets where the remaining ones ran\n\n{EXTRAS_NOTE}\n")
+    for task, (title, _, _) in EXTRA_TASKS.items():
+        text = extras_table(rows, paired, task)
+        if text is not None:
+            print(f"#### {title}\n\n{text}\n")
 
 
 if __name__ == "__main__":
