@@ -161,7 +161,8 @@ def is_extra(row: dict) -> bool:
 
 def extras_table(rows: list[dict], paired: list[dict], task: str) -> str | None:
     """Every policy at each budget of ``task`` where an extra (``is_extra``) ran: the score, the paired
-    difference with the full cache on the same documents, wins/losses, the sign test, and KV memory."""
+    difference with the full cache on the same documents, wins/losses, the sign test, KV memory (per
+    row of its batch, so compare means within one batch size) and the batch size."""
     _, metric, chat_only = EXTRA_TASKS[task]
     mine = [r for r in rows if r["task"] == task and r["metric"] == metric and prompted(r, chat_only)]
     budgets = sorted({r["budget"] for r in mine if is_extra(r)})
@@ -169,8 +170,8 @@ def extras_table(rows: list[dict], paired: list[dict], task: str) -> str | None:
         return None
     by_source = {p["source"]: p for p in paired if p["task"] == task and p["metric"] == metric}
     lines = [
-        f"| budget | policy | evict | {metric} | vs full (paired) | W/L/T | p | KV peak / mean (MiB) | n |",
-        "|---:|---|---|---:|---:|---|---:|---:|---:|",
+        f"| budget | policy | evict | {metric} | vs full (paired) | W/L/T | p | KV peak / mean (MiB) | n | batch |",
+        "|---:|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     order = lambda r: (r["budget"], POLICY_NAMES.index(r["policy"]), str(r["cache"].get("evict")))  # noqa: E731
     for row in sorted((r for r in mine if r["budget"] in budgets), key=order):
@@ -184,7 +185,8 @@ def extras_table(rows: list[dict], paired: list[dict], task: str) -> str | None:
         lines.append(
             f"| {row['budget']} | {row['policy']} | {evict}{'' if published else ' (other)'} | "
             f"{row['value']:.3f}{stderr} | {versus} | {counts} | {p_value} | "
-            f"{row['kv_bytes_peak'] / MIB:.1f} / {row['kv_bytes_mean'] / MIB:.1f} | {row['n_samples']} |"
+            f"{row['kv_bytes_peak'] / MIB:.1f} / {row['kv_bytes_mean'] / MIB:.1f} | "
+            f"{row['n_samples']} | {row.get('batch_size')} |"
         )
     return "\n".join(lines)
 
