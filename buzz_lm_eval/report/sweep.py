@@ -250,6 +250,18 @@ def run_grid(lm, sweep: Sweep, pending: list[Run], total: int, finished: list[st
     with tqdm(total=total, initial=total - len(pending), desc="sweep", unit="run") as bar:
         for run in pending:
             bar.set_postfix_str(run.name)
+            done, conflicts = split_done(sweep, [run])  # another process (a shard, a second sweep) may
+            if done or conflicts:  # have saved it since this sweep was planned: keep what it wrote
+                if done:
+                    tqdm.write(
+                        f"{run.name}: skipped, saved by another process since this sweep started", file=sys.stderr
+                    )
+                    finished.append(run.name)
+                else:
+                    tqdm.write(f"sweep: {run.name} FAILED ({conflicts[0]}); continuing", file=sys.stderr)
+                    failed.append(run.name)
+                bar.update()
+                continue
             try:
                 tqdm.write(execute(lm, sweep, run), file=sys.stderr)
                 finished.append(run.name)

@@ -298,3 +298,29 @@ def test_an_output_that_cannot_be_written_stops_before_the_model_loads(tmp_path,
     blocker.write_text("not a folder")
     code, _, err = run_sweep(capsys, argv(blocker / "out"))
     assert code == 2 and "--output=" in err and "is a file, not a folder" in err
+
+
+def test_a_run_saved_by_another_process_after_the_plan_is_kept_not_rerun(copied, capsys, monkeypatch):
+    """Two sweeps into one folder: a run pending when this one was planned, but saved by the other
+    before its turn, keeps the other's files (it was once rerun, its samples deleted as leftovers)."""
+    stash = copied.parent / "stash"
+    shutil.move(copied / "buzz_b64", stash)  # pending when this sweep is planned ...
+    [theirs] = stash.glob("results_*.json")
+    [lost] = (copied / "streaming_b64").glob("results_*.json")
+    lost.unlink()
+    real_evaluate = sweep.evaluate
+    evaluated = []
+
+    def meanwhile_another_process_saves_buzz_b64(lm, settings, run):
+        evaluated.append(run.name)
+        if run.name == "streaming_b64":  # ... and saved by the other process while this one works
+            shutil.move(stash, copied / "buzz_b64")
+        return real_evaluate(lm, settings, run)
+
+    monkeypatch.setattr(sweep, "evaluate", meanwhile_another_process_saves_buzz_b64)
+    code, out, err = run_sweep(capsys, argv(copied))
+    assert code == 0, err
+    assert evaluated == ["streaming_b64"]
+    assert "buzz_b64: skipped, saved by another process since this sweep started" in err
+    assert [p.name for p in (copied / "buzz_b64").glob("results_*.json")] == [theirs.name]
+    assert "5 of 5 runs have results" in out
