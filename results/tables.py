@@ -5,9 +5,9 @@
 First an overview: each main policy, in its published regime, as a percentage of the full
 cache's score, per task and budget. Then one table per task: every policy, budget and regime with
 each metric's value and standard error, its value relative to the full cache, KV memory at peak
-and on average, and n. Then RULER, and last, per task, every policy and regime at each budget where the remaining
-policies (or a policy's other regime) ran, with its paired comparison from the ``paired.json``
-beside the leaderboard. Runs without the chat template (the prompt-choice evidence) are left out
+and on average, and n. Then RULER, and last, per task, every policy and regime at each budget
+where the remaining policies (or a policy's other regime) ran, with its paired comparison from
+the ``paired.json`` beside the leaderboard. Runs without the chat template (the prompt-choice evidence) are left out
 of the summarisation, QA and needle tables.
 """
 
@@ -50,13 +50,17 @@ def prompted(row: dict, chat_only: bool) -> bool:
     return not chat_only or bool(row["settings"].get("chat_template"))
 
 
+def published(row: dict) -> bool:
+    """Whether an evicting policy's row ran in the policy's published regime."""
+    return row["cache"].get("evict") == policy_class(row["policy"]).default_evict
+
+
 def in_overview(row: dict) -> bool:
     """A main policy in its published regime, on its task's first metric, with a full-cache reference."""
     if row["task"] not in TASKS or row["policy"] not in MAIN or row["relative_quality"] is None:
         return False
     _, metrics, chat_only = TASKS[row["task"]]
-    published = row["cache"].get("evict") == policy_class(row["policy"]).default_evict
-    return row["metric"] == metrics[0] and prompted(row, chat_only) and published
+    return row["metric"] == metrics[0] and prompted(row, chat_only) and published(row)
 
 
 def overview(rows: list[dict]) -> str:
@@ -156,7 +160,7 @@ def is_extra(row: dict) -> bool:
     """A policy beyond the main six, or a main one outside its published regime."""
     if row["policy"] == "full":
         return False
-    return row["policy"] not in MAIN or row["cache"].get("evict") != policy_class(row["policy"]).default_evict
+    return row["policy"] not in MAIN or not published(row)
 
 
 def extras_table(rows: list[dict], paired: list[dict], task: str) -> str | None:
@@ -181,9 +185,8 @@ def extras_table(rows: list[dict], paired: list[dict], task: str) -> str | None:
         p_value = "" if pair is None or pair["sign_test_p"] is None else f"{pair['sign_test_p']:.2g}"
         stderr = f" ± {row['stderr']:.3f}" if isinstance(row.get("stderr"), float) else ""
         evict = row["cache"].get("evict") or ""
-        published = evict == policy_class(row["policy"]).default_evict
         lines.append(
-            f"| {row['budget']} | {row['policy']} | {evict}{'' if published else ' (other)'} | "
+            f"| {row['budget']} | {row['policy']} | {evict}{'' if published(row) else ' (other)'} | "
             f"{row['value']:.3f}{stderr} | {versus} | {counts} | {p_value} | "
             f"{row['kv_bytes_peak'] / MIB:.1f} / {row['kv_bytes_mean'] / MIB:.1f} | "
             f"{row['n_samples']} | {row.get('batch_size')} |"

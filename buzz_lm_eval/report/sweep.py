@@ -220,9 +220,14 @@ def headline(results: dict[str, Any]) -> str:
 
 
 def execute(lm, sweep: Sweep, run: Run) -> str:
-    """Evaluate and save one run; returns its log line."""
+    """Evaluate and save one run (unless another process saved it meanwhile); returns its log line."""
     run_dir = sweep.args.output / run.name
-    for leftover in sorted(run_dir.glob("samples_*.jsonl")):  # a pending run has no results file
+    done, conflicts = split_done(sweep, [run])  # another process (a second sweep into this folder) may
+    if conflicts:  # have saved it since this sweep was planned: keep what it wrote
+        raise RuntimeError(conflicts[0])
+    if done:
+        return f"{run.name}: skipped, saved by another process since this sweep started"
+    for leftover in sorted(run_dir.glob("samples_*.jsonl")):  # no results file: an interrupted run's
         report(f"{run.name}: removing {leftover.name}, left by an interrupted run")
         leftover.unlink()
     started, wall = datetime.now(timezone.utc).isoformat(), time.perf_counter()
@@ -250,18 +255,6 @@ def run_grid(lm, sweep: Sweep, pending: list[Run], total: int, finished: list[st
     with tqdm(total=total, initial=total - len(pending), desc="sweep", unit="run") as bar:
         for run in pending:
             bar.set_postfix_str(run.name)
-            done, conflicts = split_done(sweep, [run])  # another process (a shard, a second sweep) may
-            if done or conflicts:  # have saved it since this sweep was planned: keep what it wrote
-                if done:
-                    tqdm.write(
-                        f"{run.name}: skipped, saved by another process since this sweep started", file=sys.stderr
-                    )
-                    finished.append(run.name)
-                else:
-                    tqdm.write(f"sweep: {run.name} FAILED ({conflicts[0]}); continuing", file=sys.stderr)
-                    failed.append(run.name)
-                bar.update()
-                continue
             try:
                 tqdm.write(execute(lm, sweep, run), file=sys.stderr)
                 finished.append(run.name)
