@@ -198,12 +198,18 @@ RULER = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "rul
 
 
 def ruler_table(rows: list[dict]) -> str | None:
-    """The offline RULER tasks: one row per length and policy, one column per task (lm-eval's score
-    at that length, 0-1), with the samples per task."""
+    """The offline RULER tasks: one row per length, policy, budget and regime, one column per task
+    (lm-eval's score at that length, 0-1), with the samples per task. A policy outside its published
+    regime is a row of its own, marked ``(other)``."""
     cells: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         if row["task"] in RULER and row["metric"].isdigit() and row["value"] is not None:
-            key = (int(row["metric"]), row["budget"] or 0, POLICY_NAMES.index(row["policy"]), row["policy"])
+            other = row["policy"] != "full" and not published(row)
+            key = (int(row["metric"]), row["budget"] or 0, POLICY_NAMES.index(row["policy"]), other, row["policy"])
+            if row["task"] in cells.get(key, {}):
+                raise ValueError(
+                    f"two RULER runs for one cell {key}: {cells[key][row['task']]['source']}, {row['source']}"
+                )
             cells.setdefault(key, {})[row["task"]] = row
     if not cells:
         return None
@@ -212,7 +218,8 @@ def ruler_table(rows: list[dict]) -> str | None:
         by_task = cells[key]
         scores = [f"{by_task[t]['value']:.2f}" if t in by_task else "" for t in RULER]
         n = sorted({str(r["n_samples"]) for r in by_task.values()})
-        lines.append(f"| {key[0]} | {key[3]} | {key[1] or 'full'} | " + " | ".join(scores) + f" | {'/'.join(n)} |")
+        name = f"{key[4]} (other: {next(iter(by_task.values()))['cache'].get('evict')})" if key[3] else key[4]
+        lines.append(f"| {key[0]} | {name} | {key[1] or 'full'} | " + " | ".join(scores) + f" | {'/'.join(n)} |")
     return "\n".join(lines)
 
 

@@ -94,3 +94,26 @@ def test_main_prints_the_extras_section_from_the_paired_file_beside_the_leaderbo
     out = capsys.readouterr().out
     assert "#### 10-document QA, gold at 4 (50 questions)" in out
     assert "| 512 | random | after_prefill | 0.020 ± 0.050 | -0.180 ± 0.040 |" in out
+
+
+def ruler_row(policy: str, budget: int | None, evict: str | None, value: float, task: str = "niah_single_1") -> dict:
+    """A RULER leaderboard row: lm-eval names the metric by the sequence length."""
+    return {**row(policy, budget, evict, value, task=task), "metric": "1024"}
+
+
+def test_ruler_table_keeps_a_policy_in_its_other_regime_beside_its_published_run(tables):
+    rows = [
+        ruler_row("full", None, None, 1.0),
+        ruler_row("snapkv", 256, "after_prefill", 0.8),
+        ruler_row("snapkv", 256, "every_forward", 0.4),
+    ]
+    lines = tables.ruler_table(rows).splitlines()
+    assert len(lines) == 2 + 3
+    assert any(line.startswith("| 1024 | snapkv | 256 | 0.80 |") for line in lines)
+    assert any(line.startswith("| 1024 | snapkv (other: every_forward) | 256 | 0.40 |") for line in lines)
+
+
+def test_ruler_table_refuses_two_runs_of_one_cell(tables):
+    rows = [ruler_row("h2o", 256, "every_forward", 0.8), ruler_row("h2o", 256, "every_forward", 0.6)]
+    with pytest.raises(ValueError, match="two RULER runs for one cell"):
+        tables.ruler_table(rows)
