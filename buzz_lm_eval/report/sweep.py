@@ -38,6 +38,7 @@ from buzz_lm_eval.harness.hflm import BuzzHFLM
 from buzz_lm_eval.harness.offline_models import resolve
 from buzz_lm_eval.policies import POLICY_NAMES, build_policy
 from buzz_lm_eval.report import sweep_resume
+from buzz_lm_eval.report.leaderboard import task_metrics
 from buzz_lm_eval.report.machine import hardware
 from buzz_lm_eval.report.sweep_args import parse_args, split_model_args
 
@@ -207,14 +208,13 @@ def save(run_dir: Path, results: dict[str, Any], samples: dict[str, list]) -> Pa
 
 
 def headline(results: dict[str, Any]) -> str:
-    """The first metric of each task and the compression ratio, for the log line."""
+    """The first evaluated metric of each task and the compression ratio, for the log line (not
+    RULER's -1 for a length the run left out: ``task_metrics``)."""
     parts = []
     for task, values in results["results"].items():
-        metric = next(
-            (k for k, v in values.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))), None
-        )
+        metric = next(((m, v) for m, _, v, _ in task_metrics(values) if isinstance(v, (int, float))), None)
         if metric:
-            parts.append(f"{task} {metric.split(',')[0]}={values[metric]:.4g}")
+            parts.append(f"{task} {metric[0]}={metric[1]:.4g}")
     ratio = results["config"]["buzz_cache"].get("compression_ratio")
     return ", ".join(parts + ([f"compression {ratio:.2f}x"] if ratio else []))
 

@@ -324,3 +324,11 @@ def test_a_run_saved_by_another_process_after_the_plan_is_kept_not_rerun(copied,
     assert "buzz_b64: skipped, saved by another process since this sweep started" in err
     assert [p.name for p in (copied / "buzz_b64").glob("results_*.json")] == [theirs.name]
     assert "5 of 5 runs have results" in out
+
+
+def test_the_log_line_names_the_length_a_ruler_run_scored_not_the_placeholder_of_one_it_left_out():
+    results = {
+        "results": {"niah_single_1": {"4096,none": -1, "4096_stderr,none": "N/A", "1024,none": 0.6}},
+        "config": {"buzz_cache": {"compression_ratio": 2.5}},
+    }
+    assert sweep.headline(results) == "niah_single_1 1024=0.6, compression 2.50x"
