@@ -6,7 +6,9 @@ back to zero noise lines / words: ``ruler_vt`` then retries forever, ``ruler_cwe
 with no answer (the run fails after every model call) or retries forever. These functions measure
 the smallest sample first, with lm-eval's own generator and the model's tokenizer, and raise a
 ValueError naming the lengths and the minimum; otherwise they hand over to lm-eval unchanged
-(the random states are restored, so the data is exactly what lm-eval alone would build).
+(the random states are restored, so the data is exactly what lm-eval alone would build). ``ruler_cwe``
+starts from its generator's state at import on every build, so every run of a process gets the
+samples a fresh process gets.
 """
 
 from __future__ import annotations
@@ -104,4 +106,17 @@ def cwe_dataset(**kwargs: Any):
             f"its smallest word list needs {', '.join(f'{m} tokens at {n}' for n, m in too_short.items())} "
             "(lm-eval would build samples with no answer words, or retry forever); use longer lengths"
         )
+    cwe_utils.RNG.setstate(cwe_rng_at_import())  # the same samples in every run of a process
     return cwe_utils.get_cw_dataset(**kwargs)
+
+
+def cwe_rng_at_import() -> tuple:
+    """The state lm-eval's ``cwe_utils.RNG`` has right after its module is imported: seeded 42, then
+    one shuffle of the word list (its draws depend only on the list's length).
+
+    The generator draws from that module-level RNG, so without this every later build in one process
+    (each run of a sweep builds the task again) gets other samples than the first: runs of one
+    sweep, and runs of different sweeps, would be scored on different documents."""
+    fresh = random.Random(42)
+    fresh.shuffle(list(range(len(cwe_utils.WORDS))))
+    return fresh.getstate()

@@ -65,3 +65,23 @@ def test_a_feasible_length_builds_lm_evals_own_data(word_tokenizer):
     theirs = vt_utils.get_vt_dataset(pretrained=word_tokenizer, max_seq_lengths=[minimum + 16])["test"]
     assert len(ours) == 500 and ours[:3] == theirs[:3] and ours["outputs"] == theirs["outputs"]
     assert max(ours["length"]) <= minimum + 16
+
+
+def test_ruler_cwe_gives_every_build_in_a_process_the_samples_of_a_fresh_process(word_tokenizer):
+    """lm-eval's cwe generator draws from a module-level RNG: a sweep builds the task once per run, so
+    without the reset its second run scored other documents than its first."""
+    from lm_eval.tasks.ruler import cwe_utils
+
+    def build() -> list[str]:
+        random.seed(0)
+        return guard.cwe_dataset(pretrained=word_tokenizer, max_seq_lengths=[1024])["test"]["input"][:5]
+
+    first = build()
+    cwe_utils.RNG.random()  # whatever else drew from it in between
+    assert build() == first
+    fresh = random.Random(42)
+    fresh.shuffle(list(range(len(cwe_utils.WORDS))))
+    cwe_utils.RNG.setstate(fresh.getstate())  # as right after lm-eval's module is imported
+    random.seed(0)
+    theirs = cwe_utils.get_cw_dataset(pretrained=word_tokenizer, max_seq_lengths=[1024])["test"]["input"][:5]
+    assert theirs == first
