@@ -204,7 +204,7 @@ def ruler_table(rows: list[dict]) -> str | None:
     cells: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         if row["task"] in RULER and row["metric"].isdigit() and row["value"] is not None:
-            other = row["policy"] != "full" and not published(row)
+            other = "" if row["policy"] == "full" or published(row) else row["cache"].get("evict")
             key = (int(row["metric"]), row["budget"] or 0, POLICY_NAMES.index(row["policy"]), other, row["policy"])
             if row["task"] in cells.get(key, {}):
                 raise ValueError(
@@ -218,7 +218,7 @@ def ruler_table(rows: list[dict]) -> str | None:
         by_task = cells[key]
         scores = [f"{by_task[t]['value']:.2f}" if t in by_task else "" for t in RULER]
         n = sorted({str(r["n_samples"]) for r in by_task.values()})
-        name = f"{key[4]} (other: {next(iter(by_task.values()))['cache'].get('evict')})" if key[3] else key[4]
+        name = f"{key[4]} (other: {key[3]})" if key[3] else key[4]
         lines.append(f"| {key[0]} | {name} | {key[1] or 'full'} | " + " | ".join(scores) + f" | {'/'.join(n)} |")
     return "\n".join(lines)
 

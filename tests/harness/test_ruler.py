@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import numpy as np
@@ -79,9 +80,11 @@ def test_ruler_cwe_gives_every_build_in_a_process_the_samples_of_a_fresh_process
     first = build()
     cwe_utils.RNG.random()  # whatever else drew from it in between
     assert build() == first
-    fresh = random.Random(42)
-    fresh.shuffle(list(range(len(cwe_utils.WORDS))))
-    cwe_utils.RNG.setstate(fresh.getstate())  # as right after lm-eval's module is imported
+    spec = importlib.util.spec_from_file_location("buzz_test_fresh_cwe_utils", cwe_utils.__file__)
+    imported = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(imported)  # lm-eval's module as a fresh process imports it
+    assert guard.cwe_rng_at_import() == imported.RNG.getstate()
+    cwe_utils.RNG.setstate(imported.RNG.getstate())
     random.seed(0)
     theirs = cwe_utils.get_cw_dataset(pretrained=word_tokenizer, max_seq_lengths=[1024])["test"]["input"][:5]
     assert theirs == first
